@@ -1,0 +1,163 @@
+"""Building blocks shared by Restormer, HI-Diff and Swintormer.
+
+Parameter names follow the official Restormer code so that the released checkpoints load without
+renaming (``norm1.body.weight``, ``attn.qkv_dwconv``, ``ffn.project_in``, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of an NCHW tensor.
+
+    ``with_bias=True`` is the usual LayerNorm. ``with_bias=False`` is Restormer's "BiasFree"
+    variant: it divides by the standard deviation but does not subtract the mean, so it is not
+    ``F.layer_norm`` and is computed by hand.
+    """
+
+    def __init__(self, channels: int, with_bias: bool = True, eps: float = 1e-5):
+        super().__init__()
+        self.body = _LayerNormParams(channels, with_bias)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.permute(0, 2, 3, 1)
+        if self.body.bias is not None:
+            tokens = F.layer_norm(tokens, tokens.shape[-1:], self.body.weight, self.body.bias, self.eps)
+        else:
+            variance = tokens.var(dim=-1, keepdim=True, unbiased=False)
+            tokens = tokens * torch.rsqrt(variance + self.eps) * self.body.weight
+        return tokens.permute(0, 3, 1, 2)
+
+
+class _LayerNormParams(nn.Module):
+    """Holds the affine parameters under ``body.`` as the official checkpoints name them."""
+
+    def __init__(self, channels: int, with_bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.register_parameter("bias", nn.Parameter(torch.zeros(channels)) if with_bias else None)
+
+
+def layer_norm_has_bias(layer_norm_type: str) -> bool:
+    """Maps the official ``LayerNorm_type`` strings to a flag."""
+    if layer_norm_type == "WithBias":
+        return True
+    if layer_norm_type == "BiasFree":
+        return False
+    raise ValueError(f"LayerNorm_type must be 'WithBias' or 'BiasFree', got {layer_norm_type!r}")
+
+
+class MDTA(nn.Module):
+    """Multi-Dconv head Transposed Attention: attention across channels, linear in pixels.
+
+    q and k are L2-normalised along the pixels, so their products are cosines scaled by a learned
+    per-head temperature; that scale is folded into q so that the product itself runs through
+    ``F.scaled_dot_product_attention`` with ``scale=1``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=self.num_heads) for t in (q, k, v))
+        q = F.normalize(q, dim=-1) * self.temperature
+        k = F.normalize(k, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        out = rearrange(out, "b head c (h w) -> b (head c) h w", h=height, w=width)
+        return self.project_out(out)
+
+
+class GDFN(nn.Module):
+    """Gated-Dconv Feed-forward Network: GELU(dwconv branch) gates the other branch."""
+
+    def __init__(self, dim: int, expansion_factor: float, bias: bool):
+        super().__init__()
+        hidden = int(dim * expansion_factor)
+        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
+        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=bias)
+        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(gate) * value)
+
+
+class TransformerBlock(nn.Module):
+    """Restormer block: x + MDTA(LN(x)), then x + GDFN(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float, bias: bool, layer_norm_bias: bool):
+        super().__init__()
+        self.norm1 = ChannelLayerNorm(dim, layer_norm_bias)
+        self.attn = MDTA(dim, num_heads, bias)
+        self.norm2 = ChannelLayerNorm(dim, layer_norm_bias)
+        self.ffn = GDFN(dim, ffn_expansion_factor, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class OverlapPatchEmbed(nn.Module):
+    """3x3 convolution from image channels to features (patches overlap through the kernel)."""
+
+    def __init__(self, in_channels: int, dim: int, bias: bool = False):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=3, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Downsample(nn.Module):
+    """Halves the resolution and doubles the channels: conv to C/2, then pixel-unshuffle by 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels // 2, kernel_size=3, padding=1, bias=False), nn.PixelUnshuffle(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """Doubles the resolution and halves the channels: conv to 2C, then pixel-shuffle by 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels * 2, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pads the bottom and right of ``x`` so that H and W are multiples of ``multiple``.
+
+    Returns the padded tensor and the original (H, W) to crop back to. Reflection needs the pad to
+    be smaller than the side, so tiny inputs fall back to replicate padding.
+    """
+    height, width = x.shape[-2:]
+    pad_h = (-height) % multiple
+    pad_w = (-width) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x, (height, width)
+    if mode == "reflect" and (pad_h >= height or pad_w >= width):
+        mode = "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (height, width)
