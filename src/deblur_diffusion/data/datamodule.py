@@ -1,0 +1,97 @@
+"""The LightningDataModule shared by every model and dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from deblur_diffusion.data.patches import TrainPatches, WholeImages
+from deblur_diffusion.data.schedule import ProgressiveBatchSampler, ProgressiveSchedule
+from deblur_diffusion.data.sources import PairSource
+from deblur_diffusion.errors import ConfigError
+
+
+class DeblurDataModule(L.LightningDataModule):
+    """Training patches with the progressive schedule; whole images for validation and test.
+
+    Args:
+        train, val, test: pair sources (any may be None when that stage is not run).
+        in_channels: input channels the model expects (3, or 6 for dual-pixel); checked against
+            the sources so that a model/data mismatch fails before training.
+        dual_pixel: whether the input holds two dual-pixel views (read by model configs).
+        patch_schedule: ``[[start_iteration, patch_size, batch_size], ...]``.
+        flips, rotations: geometric augmentation of training patches.
+        num_workers: data-loading processes (0 loads in the main process).
+        seed: seeds the sampling order, crops and augmentations.
+    """
+
+    def __init__(
+        self,
+        train: PairSource | None = None,
+        val: PairSource | None = None,
+        test: PairSource | None = None,
+        in_channels: int = 3,
+        dual_pixel: bool = False,
+        patch_schedule: Sequence[Sequence[int]] = ((0, 128, 8),),
+        flips: bool = True,
+        rotations: bool = True,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.sources = {"train": train, "val": val, "test": test}
+        for split, source in self.sources.items():
+            if source is not None and source.in_channels != in_channels:
+                raise ConfigError(
+                    f"data.in_channels={in_channels} but the {split} set provides {source.in_channels} input "
+                    f"channels ({source.describe()})"
+                )
+        self.in_channels = in_channels
+        self.dual_pixel = dual_pixel
+        self.schedule = ProgressiveSchedule(patch_schedule)
+        self.flips = flips
+        self.rotations = rotations
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+
+    def _require(self, split: str) -> PairSource:
+        source = self.sources[split]
+        if source is None:
+            raise ConfigError(f"data.{split} is not set: this data config has no {split} split")
+        return source
+
+    def _loader_options(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = TrainPatches(self._require("train"), self.flips, self.rotations)
+        generator = torch.Generator().manual_seed(self.seed)
+        start = self.trainer.global_step if self.trainer is not None else 0
+        batch_sampler = ProgressiveBatchSampler(
+            RandomSampler(dataset, generator=generator), self.schedule, self.seed, start_iteration=start
+        )
+        return DataLoader(dataset, batch_sampler=batch_sampler, **self._loader_options())
+
+    def _whole_image_loader(self, split: str) -> DataLoader:
+        return DataLoader(WholeImages(self._require(split)), batch_size=1, shuffle=False, **self._loader_options())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._whole_image_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._whole_image_loader("test")
+
+    def has_split(self, split: str) -> bool:
+        return self.sources.get(split) is not None
+
+    def describe(self) -> list[tuple[str, str]]:
+        return [(split, source.describe()) for split, source in self.sources.items() if source is not None]

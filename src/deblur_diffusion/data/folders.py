@@ -1,0 +1,310 @@
+"""Pair sources read from disk: a generic folder or list of pairs, and the benchmark layouts.
+
+Every source checks its layout when it is built (before any training starts): missing folders,
+unequal file counts, unmatched names and, with ``verify_sizes``, pairs of different sizes raise an
+error that names the expected layout and the files at fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from deblur_diffusion.data.io import image_size, list_images, read_image
+from deblur_diffusion.data.sources import PairSource
+from deblur_diffusion.errors import DatasetLayoutError, ImageReadError, PairMismatchError
+
+_DATA_DIR_HINT = "Set paths.data_dir (or the DEBLUR_DATA environment variable) to the folder that holds the datasets."
+
+
+def _require_dir(path: Path, dataset: str, layout: str) -> Path:
+    if not path.is_dir():
+        raise DatasetLayoutError(f"{dataset}: folder {path} not found. Expected layout:\n{layout}\n{_DATA_DIR_HINT}")
+    return path
+
+
+def _require_images(folder: Path, dataset: str, layout: str) -> list[Path]:
+    files = list_images(_require_dir(folder, dataset, layout))
+    if not files:
+        raise DatasetLayoutError(f"{dataset}: no images in {folder}. Expected layout:\n{layout}")
+    return files
+
+
+def _match_by_stem(inputs: list[Path], targets: list[Path], dataset: str) -> list[tuple[Path, Path]]:
+    """Pairs files of two folders by file name (stem); every file must have a partner."""
+    input_by_stem = {p.stem: p for p in inputs}
+    target_by_stem = {p.stem: p for p in targets}
+    only_inputs = sorted(set(input_by_stem) - set(target_by_stem))
+    only_targets = sorted(set(target_by_stem) - set(input_by_stem))
+    if only_inputs or only_targets:
+        details = []
+        if only_inputs:
+            details.append(f"{len(only_inputs)} inputs without target in {targets[0].parent}, e.g. {only_inputs[:3]}")
+        if only_targets:
+            details.append(f"{len(only_targets)} targets without input in {inputs[0].parent}, e.g. {only_targets[:3]}")
+        raise PairMismatchError(
+            f"{dataset}: {len(inputs)} inputs and {len(targets)} targets do not pair up by file name: "
+            + "; ".join(details)
+        )
+    return [(input_by_stem[stem], target_by_stem[stem]) for stem in sorted(target_by_stem)]
+
+
+class PairedFiles(PairSource):
+    """Pairs of files: one or more input views (concatenated on channels) and one target.
+
+    Args:
+        inputs: for each pair, the input files (1 for a single image, 2 or 3 for dual-pixel views).
+        targets: the sharp image of each pair.
+        names: a unique name per pair (defaults to the target file stem).
+        dataset: the dataset's name, for error messages.
+        verify_sizes: read every header now and reject pairs whose sizes differ.
+    """
+
+    def __init__(
+        self,
+        inputs: Sequence[Sequence[Path]],
+        targets: Sequence[Path],
+        names: Sequence[str] | None = None,
+        dataset: str = "folder",
+        verify_sizes: bool = True,
+    ):
+        if len(inputs) != len(targets):
+            raise PairMismatchError(f"{dataset}: {len(inputs)} inputs but {len(targets)} targets")
+        if not targets:
+            raise DatasetLayoutError(f"{dataset}: the dataset has no pairs")
+        views = {len(files) for files in inputs}
+        if len(views) != 1:
+            raise PairMismatchError(f"{dataset}: pairs have different numbers of input views {sorted(views)}")
+        self.inputs = [[Path(f) for f in files] for files in inputs]
+        self.targets = [Path(t) for t in targets]
+        self.names = list(names) if names is not None else [t.stem for t in self.targets]
+        if len(set(self.names)) != len(self.names):
+            raise PairMismatchError(f"{dataset}: pair names are not unique; use a layout that keeps scene folders")
+        self.dataset = dataset
+        self.in_channels = 3 * views.pop()
+        self._check_files_exist()
+        if verify_sizes:
+            self.verify_sizes()
+
+    def _check_files_exist(self) -> None:
+        for files, target in zip(self.inputs, self.targets, strict=True):
+            for path in (*files, target):
+                if not path.is_file():
+                    raise ImageReadError(f"{self.dataset}: image {path} does not exist")
+
+    def verify_sizes(self) -> None:
+        """Reads every header and raises if the files of a pair differ in size."""
+        for files, target in zip(self.inputs, self.targets, strict=True):
+            expected = image_size(target)
+            for path in files:
+                size = image_size(path)
+                if size != expected:
+                    raise PairMismatchError(
+                        f"{self.dataset}: input {path} is {size[0]}x{size[1]} but its target {target} is "
+                        f"{expected[0]}x{expected[1]}"
+                    )
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def name(self, index: int) -> str:
+        return self.names[index]
+
+    def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        target_path = self.targets[index]
+        gt = read_image(target_path)
+        views = []
+        for path in self.inputs[index]:
+            view = read_image(path)
+            if view.shape != gt.shape:
+                raise PairMismatchError(
+                    f"{self.dataset}: input {path} is {view.shape[0]}x{view.shape[1]} but its target {target_path} "
+                    f"is {gt.shape[0]}x{gt.shape[1]}"
+                )
+            views.append(view)
+        lq = views[0] if len(views) == 1 else np.concatenate(views, axis=2)
+        return lq, gt
+
+    def describe(self) -> str:
+        return f"{self.dataset}: {len(self)} pairs, {self.in_channels} input channels"
+
+
+class FolderPairs(PairedFiles):
+    """A generic dataset: an input folder and a target folder with the same file names."""
+
+    def __init__(self, input_dir: str | Path, target_dir: str | Path, verify_sizes: bool = True):
+        input_dir, target_dir = Path(input_dir), Path(target_dir)
+        layout = f"  {input_dir}/<name>.png  (blurry)\n  {target_dir}/<name>.png  (sharp, same file names)"
+        pairs = _match_by_stem(
+            _require_images(input_dir, "folder", layout), _require_images(target_dir, "folder", layout), "folder"
+        )
+        super().__init__([[i] for i, _ in pairs], [t for _, t in pairs], dataset="folder", verify_sizes=verify_sizes)
+
+
+class PairListFile(PairedFiles):
+    """Pairs listed in a text file, one pair per line, paths relative to ``root``.
+
+    ``columns`` gives the order of the paths on a line: RealBlur's lists are ``[target, input]``.
+    """
+
+    def __init__(
+        self,
+        list_file: str | Path,
+        root: str | Path | None = None,
+        columns: Sequence[str] = ("input", "target"),
+        dataset: str = "pair list",
+        verify_sizes: bool = True,
+    ):
+        list_file = Path(list_file)
+        if sorted(columns) != ["input", "target"]:
+            raise ValueError(f"columns must name 'input' and 'target' once each, got {list(columns)}")
+        if not list_file.is_file():
+            raise DatasetLayoutError(
+                f"{dataset}: list file {list_file} not found. Expected a text file with one pair per line: "
+                f"'{' '.join(f'<{c} path>' for c in columns)}', relative to {root or list_file.parent}.\n{_DATA_DIR_HINT}"
+            )
+        root = Path(root) if root is not None else list_file.parent
+        inputs, targets = [], []
+        for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise DatasetLayoutError(f"{list_file}:{number}: expected 2 paths, found {len(fields)}: {line!r}")
+            paths = dict(zip(columns, fields, strict=True))
+            target = root / paths["target"]
+            inputs.append([root / paths["input"]])
+            targets.append(target)
+        super().__init__(inputs, targets, _names_without_common_prefix(targets), dataset=dataset, verify_sizes=verify_sizes)
+
+
+def _names_without_common_prefix(paths: Sequence[Path]) -> list[str]:
+    """Unique names from paths: the parts after the folders that all paths share, joined by '_'."""
+    parts = [p.with_suffix("").parts for p in paths]
+    shared = 0
+    while all(len(p) > shared + 1 for p in parts) and len({p[shared] for p in parts}) == 1:
+        shared += 1
+    return ["_".join(p[shared:]) for p in parts]
+
+
+class GoPro(PairedFiles):
+    """GoPro (Nah et al.), in either the original scene layout or the flat input/target layout.
+
+    Original ``GOPRO_Large``: ``root/<split>/<scene>/{blur,blur_gamma,sharp}/<frame>.png``.
+    Flat (Restormer's preparation): ``root/<split>/{input,target}/<name>.png``.
+    """
+
+    dataset = "GoPro"
+
+    def __init__(self, root: str | Path, split: str = "train", blur_folder: str = "blur", verify_sizes: bool = True):
+        root = Path(root)
+        split_dir = root / split
+        layout = (
+            f"  {split_dir}/input/*.png and {split_dir}/target/*.png   (flat layout)\n"
+            f"or {split_dir}/<scene>/{blur_folder}/*.png and {split_dir}/<scene>/sharp/*.png   (original GOPRO_Large)"
+        )
+        _require_dir(split_dir, self.dataset, layout)
+        if (split_dir / "input").is_dir():
+            pairs = _match_by_stem(
+                _require_images(split_dir / "input", self.dataset, layout),
+                _require_images(split_dir / "target", self.dataset, layout),
+                self.dataset,
+            )
+            inputs, targets = [[i] for i, _ in pairs], [t for _, t in pairs]
+            names = [t.stem for t in targets]
+        else:
+            scenes = sorted(d for d in split_dir.iterdir() if (d / "sharp").is_dir())
+            if not scenes:
+                raise DatasetLayoutError(f"{self.dataset}: no scene folders with sharp/ in {split_dir}. Expected:\n{layout}")
+            inputs, targets, names = [], [], []
+            for scene in scenes:
+                pairs = _match_by_stem(
+                    _require_images(scene / blur_folder, self.dataset, layout),
+                    _require_images(scene / "sharp", self.dataset, layout),
+                    self.dataset,
+                )
+                inputs += [[i] for i, _ in pairs]
+                targets += [t for _, t in pairs]
+                names += [f"{scene.name}_{t.stem}" for _, t in pairs]
+        super().__init__(inputs, targets, names, dataset=self.dataset, verify_sizes=verify_sizes)
+
+
+class HIDE(PairedFiles):
+    """HIDE (Shen et al.) test set, flat ``root/<split>/{input,target}`` or the original layout
+    ``root/<split>/{test-close-ups,test-long-shot}/*.png`` with sharp images in ``root/GT``."""
+
+    dataset = "HIDE"
+
+    def __init__(self, root: str | Path, split: str = "test", verify_sizes: bool = True):
+        root = Path(root)
+        split_dir = root / split
+        layout = (
+            f"  {split_dir}/input/*.png and {split_dir}/target/*.png   (flat layout)\n"
+            f"or {split_dir}/test-close-ups/*.png, {split_dir}/test-long-shot/*.png and {root}/GT/*.png   (original)"
+        )
+        _require_dir(split_dir, self.dataset, layout)
+        if (split_dir / "input").is_dir():
+            blurry = _require_images(split_dir / "input", self.dataset, layout)
+            sharp = _require_images(split_dir / "target", self.dataset, layout)
+        else:
+            blurry = [p for sub in sorted(split_dir.iterdir()) if sub.is_dir() for p in list_images(sub)]
+            sharp = _require_images(root / "GT", self.dataset, layout)
+            if not blurry:
+                raise DatasetLayoutError(f"{self.dataset}: no blurry images under {split_dir}. Expected:\n{layout}")
+            sharp = [s for s in sharp if s.stem in {b.stem for b in blurry}]
+        pairs = _match_by_stem(blurry, sharp, self.dataset)
+        super().__init__([[i] for i, _ in pairs], [t for _, t in pairs], dataset=self.dataset, verify_sizes=verify_sizes)
+
+
+class RealBlur(PairListFile):
+    """RealBlur-J or -R (Rim et al.) from the official pair lists, e.g. ``RealBlur_J_test_list.txt``,
+    whose lines read ``<gt path> <blur path>`` relative to ``root``."""
+
+    def __init__(self, root: str | Path, variant: str = "J", split: str = "train", verify_sizes: bool = True):
+        if variant not in ("J", "R"):
+            raise ValueError(f"RealBlur variant must be 'J' or 'R', got {variant!r}")
+        root = Path(root)
+        super().__init__(
+            root / f"RealBlur_{variant}_{split}_list.txt",
+            root,
+            columns=("target", "input"),
+            dataset=f"RealBlur-{variant}",
+            verify_sizes=verify_sizes,
+        )
+
+
+DPDD_VIEWS = {"c": "combined", "l": "left", "r": "right"}
+
+
+class DPDD(PairedFiles):
+    """Canon DPDD (Abuolaim and Brown), 16-bit PNGs.
+
+    Layout: ``root/<split>_c/{source,target}``, ``root/<split>_l/source``, ``root/<split>_r/source``.
+    ``views`` chooses the input: ``["c"]`` for single-image defocus deblurring, ``["l", "r"]`` (or
+    ``["r", "l"]``) for dual-pixel, whose views are concatenated in that order into 6 channels.
+    """
+
+    dataset = "DPDD"
+
+    def __init__(
+        self, root: str | Path, split: str = "train", views: Sequence[str] = ("c",), verify_sizes: bool = True
+    ):
+        root = Path(root)
+        unknown = [v for v in views if v not in DPDD_VIEWS]
+        if unknown or not views:
+            raise ValueError(f"DPDD views must be a non-empty list of {list(DPDD_VIEWS)}, got {list(views)}")
+        layout = "\n".join(
+            [f"  {root}/{split}_c/target/*.png   (sharp)"]
+            + [f"  {root}/{split}_{v}/source/*.png   ({DPDD_VIEWS[v]} view)" for v in ("c", "l", "r")]
+        )
+        targets = _require_images(root / f"{split}_c" / "target", self.dataset, layout)
+        view_files = []
+        for view in views:
+            pairs = _match_by_stem(
+                _require_images(root / f"{split}_{view}" / "source", self.dataset, layout), targets, self.dataset
+            )
+            view_files.append([i for i, _ in pairs])
+        inputs = [list(files) for files in zip(*view_files, strict=True)]
+        super().__init__(inputs, sorted(targets, key=lambda p: p.stem), dataset=self.dataset, verify_sizes=verify_sizes)

@@ -1,0 +1,96 @@
+"""Reading and writing images as float32 arrays in [0, 1], keeping 16-bit precision.
+
+OpenCV decodes 16-bit RGB PNG and TIFF exactly (Pillow does not), so it is the reader. Every
+image comes out as H x W x 3 RGB: grayscale is repeated over three channels and an alpha channel
+is dropped (blur datasets never use transparency).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from deblur_diffusion.errors import ImageReadError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+_MAX_VALUE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly inside ``folder``, in sorted (deterministic) order."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+def read_image_raw(path: str | Path) -> np.ndarray:
+    """Decodes an image as stored: H x W x C in RGB order with its own dtype (uint8 or uint16)."""
+    path = Path(path)
+    try:
+        encoded = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise ImageReadError(f"cannot read image {path}: {err.strerror or err}") from err
+    image = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED) if encoded.size else None
+    if image is None:
+        raise ImageReadError(f"cannot decode image {path}: the file is empty, truncated or not an image")
+    if image.dtype not in _MAX_VALUE:
+        raise ImageReadError(f"unsupported pixel type {image.dtype} in {path}: expected 8 or 16-bit integers")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    channels = image.shape[2]
+    if channels in (1, 2):
+        return np.repeat(image[:, :, :1], 3, axis=2)
+    if channels in (3, 4):
+        return np.ascontiguousarray(image[:, :, 2::-1])
+    raise ImageReadError(f"unsupported channel count {channels} in {path}: expected 1 (gray), 3 (RGB) or 4 (RGBA)")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Reads an image as float32 H x W x 3 RGB in [0, 1] (8 and 16-bit alike)."""
+    raw = read_image_raw(path)
+    return raw.astype(np.float32) / _MAX_VALUE[raw.dtype]
+
+
+def image_bit_depth(path: str | Path) -> int:
+    """8 or 16: the bit depth an image is stored with (decodes it)."""
+    return 16 if read_image_raw(path).dtype == np.uint16 else 8
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except FileNotFoundError as err:
+        raise ImageReadError(f"image {path} does not exist") from err
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"cannot read the header of image {path}: {err}") from err
+    return height, width
+
+
+def to_integer_image(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
+    """Rounds a float image in [0, 1] to uint8 or uint16 (values outside [0, 1] are clipped)."""
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    scale = float(np.iinfo(dtype).max)
+    return np.round(np.clip(image, 0.0, 1.0) * scale).astype(dtype)
+
+
+def write_image(path: str | Path, image: np.ndarray, bit_depth: int = 8) -> Path:
+    """Writes a float RGB (H x W x 3) or gray (H x W) image in [0, 1] as an 8 or 16-bit file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = to_integer_image(image, bit_depth)
+    if pixels.ndim == 3:
+        pixels = np.ascontiguousarray(pixels[:, :, ::-1])
+    if not cv2.imwrite(str(path), pixels):
+        raise ImageReadError(f"cannot write image {path}: unsupported extension or unwritable folder")
+    return path

@@ -1,0 +1,34 @@
+"""Pair sources: where (blurry, sharp) image pairs come from.
+
+A pair source is indexable like a dataset but returns whole images as float32 H x W x C arrays
+in [0, 1]: ``load(index, rng)`` gives ``(lq, gt)`` where ``lq`` has ``in_channels`` channels (the
+image to restore first, then any extra views or priors) and ``gt`` has three. Patch sampling,
+augmentation and tensor conversion happen in :mod:`deblur_diffusion.data.patches`, so every source
+gets them for free.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class PairSource(ABC):
+    """A finite, indexable collection of (blurry, sharp) pairs."""
+
+    in_channels: int = 3
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def name(self, index: int) -> str:
+        """A short, unique, file-system-safe name for the pair (used for outputs)."""
+
+    @abstractmethod
+    def load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (lq, gt). ``rng`` drives any randomness (synthetic blur); folder sources ignore it."""
+
+    def describe(self) -> str:
+        return f"{type(self).__name__} with {len(self)} pairs"
