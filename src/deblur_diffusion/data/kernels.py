@@ -14,6 +14,7 @@ import numpy as np
 KERNEL_KINDS = ("defocus", "motion", "gaussian")
 
 _DISC_SUPERSAMPLING = 16
+MIN_STRENGTH = 0.3
 _TRAJECTORY_STEPS = 512
 
 
@@ -116,7 +117,8 @@ def random_kernel(
     """Draws a kernel kind from ``kinds`` and then its parameters; returns (kind, kernel).
 
     The maxima default to what fits in the kernel (radius size/2, path length 1.5*size,
-    sigma size/6).
+    sigma size/6); parameters are drawn between ``MIN_STRENGTH`` times the maximum and the maximum,
+    so that every pair is visibly blurred.
     """
     unknown = set(kinds) - set(KERNEL_KINDS)
     if unknown or not kinds:
@@ -124,13 +126,13 @@ def random_kernel(
     kind = str(rng.choice(list(kinds)))
     if kind == "defocus":
         radius_max = max_defocus_radius or size / 2
-        return kind, defocus_kernel(rng.uniform(min(1.0, radius_max), radius_max), size)
+        return kind, defocus_kernel(rng.uniform(MIN_STRENGTH * radius_max, radius_max), size)
     if kind == "motion":
         length_max = max_motion_length or 1.5 * size
-        trajectory = camera_shake_trajectory(rng, rng.uniform(min(2.0, length_max), length_max))
+        trajectory = camera_shake_trajectory(rng, rng.uniform(MIN_STRENGTH * length_max, length_max))
         return kind, motion_kernel(trajectory, size)
     sigma_max = max_gaussian_sigma or size / 6
-    sigmas = rng.uniform(min(0.5, sigma_max), sigma_max, size=2)
+    sigmas = rng.uniform(MIN_STRENGTH * sigma_max, sigma_max, size=2)
     return kind, gaussian_kernel(sigmas[0], sigmas[1], rng.uniform(0, np.pi), size)
 
 

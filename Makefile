@@ -1,0 +1,40 @@
+# Everything runs inside .venv, created by `make setup` from pyproject.toml with the versions
+# pinned in requirements/lock.txt. Extra arguments go in ARGS, e.g. make train ARGS="model=restormer data=gopro".
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: setup quickstart train summary synthesize test lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --constraint requirements/lock.txt --editable ".[dev]"
+	touch $(STAMP)
+
+quickstart: setup  ## the README's main job: a short training run on the embedded data
+	$(BIN)/python -m deblur_diffusion.train experiment=quickstart $(ARGS)
+
+train: setup  ## python -m deblur_diffusion.train with ARGS as Hydra overrides
+	$(BIN)/python -m deblur_diffusion.train $(ARGS)
+
+summary: setup  ## parameters and GMACs of a model config
+	$(BIN)/python -m deblur_diffusion.summary $(ARGS)
+
+synthesize: setup  ## write synthetic pairs to disk: make synthesize ARGS="out=/tmp/synthetic"
+	$(BIN)/python -m deblur_diffusion.data.synthesize $(ARGS)
+
+test: setup  ## the test suite (what .ci/run calls)
+	$(BIN)/python -m pytest $(ARGS)
+
+lock:  ## re-pin requirements/lock.txt from a fresh resolution of pyproject.toml
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet ".[dev]"
+	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^deblur-diffusion' > requirements/lock.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

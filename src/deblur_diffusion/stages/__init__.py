@@ -1,0 +1,5 @@
+"""LightningModules, one per training stage."""
+
+from deblur_diffusion.stages.regression import RegressionStage
+
+__all__ = ["RegressionStage"]

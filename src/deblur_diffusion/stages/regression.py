@@ -1,0 +1,135 @@
+"""The regression training stage: a network trained to map blurry inputs to sharp images.
+
+Used by Restormer and Swintormer. It owns the loss, the optimiser and its schedule, gradient
+clipping, the EMA of the weights (used for validation and saved in the checkpoint) and the
+validation metrics (PSNR and SSIM of the restored output, and of the blurry input for reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.optim import Optimizer
+from torchmetrics import MetricCollection
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from deblur_diffusion.errors import DeblurError
+
+IMAGE_CHANNELS = 3
+
+
+class NonFiniteLossError(DeblurError):
+    """The training loss became NaN or infinite."""
+
+
+def image_metrics(prefix: str, postfix: str = "") -> MetricCollection:
+    """Per-image PSNR and SSIM on [0, 1] images, averaged over images (the papers' protocol)."""
+    return MetricCollection(
+        {
+            "psnr": PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)),
+            "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
+        },
+        prefix=prefix,
+        postfix=postfix,
+    )
+
+
+class RegressionStage(L.LightningModule):
+    """Supervised restoration: ``loss(net(lq), gt)``.
+
+    Args:
+        net: the restoration network; takes (B, C_in, H, W), returns (B, 3, H, W).
+        loss: a module ``loss(prediction, target) -> scalar``.
+        optimizer: a factory ``optimizer(params) -> Optimizer`` (a Hydra partial).
+        scheduler: a factory ``scheduler(optimizer) -> LRScheduler`` stepped every iteration, or None.
+        grad_clip_norm: clip the global gradient norm to this value (None: no clipping).
+        ema_decay: keep an exponential moving average of the weights with this decay, validate
+            and test with it (None: no EMA).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module,
+        optimizer: Callable[..., Optimizer],
+        scheduler: Callable[[Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+        grad_clip_norm: float | None = None,
+        ema_decay: float | None = None,
+    ):
+        super().__init__()
+        self.net = net
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.grad_clip_norm = grad_clip_norm
+        self.ema = ModelEmaV3(net, decay=ema_decay) if ema_decay else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        self.val_metrics = image_metrics("val/")
+        self.val_input_metrics = image_metrics("val/", "_input")
+        self.test_metrics = image_metrics("test/")
+        self.test_input_metrics = image_metrics("test/", "_input")
+        self.run_config: dict | None = None
+
+    @property
+    def inference_net(self) -> nn.Module:
+        """The weights used for validation, testing and export: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def inference_networks(self) -> dict[str, nn.Module]:
+        """The networks that run at inference, by name (for ``summary``)."""
+        return {"net": self.inference_net}
+
+    def forward(self, lq: torch.Tensor) -> torch.Tensor:
+        return self.inference_net(lq)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        prediction = self.net(batch["lq"])
+        loss = self.loss(prediction, batch["gt"])
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} on images {list(batch['name'])}; "
+                "the checkpoints saved so far are intact. Lower the learning rate, enable gradient clipping "
+                "or check these images."
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["lq"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.net, step=self.global_step)
+
+    def _evaluate(self, batch: dict, metrics: MetricCollection, input_metrics: MetricCollection) -> dict:
+        restored = self(batch["lq"]).clamp(0.0, 1.0)
+        metrics.update(restored, batch["gt"])
+        input_metrics.update(batch["lq"][:, :IMAGE_CHANNELS], batch["gt"])
+        batch_size = batch["lq"].shape[0]
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log_dict(input_metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        return {"restored": restored}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate(batch, self.val_metrics, self.val_input_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._evaluate(batch, self.test_metrics, self.test_input_metrics)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.net.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip_norm
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["deblur_diffusion_config"] = self.run_config

@@ -1,0 +1,104 @@
+"""Training entry point: ``python -m deblur_diffusion.train [overrides]``.
+
+Composes ``conf/train.yaml``, trains, validates (and tests, where the data has a test split) with
+the best checkpoint, prints the metrics of the blurry input against the restored output, and
+returns the monitored metric so that Hydra sweepers can optimise it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from deblur_diffusion.cli import config_dir, report_errors, require_complete
+from deblur_diffusion.errors import ConfigError
+
+
+def instantiate_group(group: DictConfig | None) -> list:
+    """Instantiates every entry of a config group given as a mapping of name -> config."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
+
+
+def metrics_table(title: str, metrics: dict[str, float], prefix: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("blurry input", justify="right")
+    table.add_column("restored", justify="right")
+    table.add_column("gain", justify="right")
+    for name, unit, digits in (("psnr", " dB", 2), ("ssim", "", 4)):
+        restored = metrics.get(f"{prefix}/{name}")
+        blurry = metrics.get(f"{prefix}/{name}_input")
+        if restored is None or blurry is None:
+            continue
+        table.add_row(
+            name.upper(), f"{blurry:.{digits}f}{unit}", f"{restored:.{digits}f}{unit}", f"{restored - blurry:+.{digits}f}{unit}"
+        )
+    return table
+
+
+@rank_zero_only
+def report(console: Console, output_dir: Path, tables: list[Table], best_checkpoint: str) -> None:
+    for table in tables:
+        console.print(table)
+    console.print(f"Run outputs: [bold]{output_dir}[/]")
+    if best_checkpoint:
+        console.print(f"  best checkpoint: {best_checkpoint}")
+    samples = output_dir / "samples" / "latest.png"
+    if samples.is_file():
+        console.print(f"  blurry | restored | sharp: {samples}")
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Runs one training job from a composed config; returns ``cfg.optimized_metric``."""
+    require_complete(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(model.run_config)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    evaluation_ckpt = best or None
+    validated = trainer.validate(model, datamodule=datamodule, ckpt_path=evaluation_ckpt, verbose=False)
+    metrics = dict(validated[0]) if validated else {}
+    tables = [metrics_table("Validation (best checkpoint)" if best else "Validation", metrics, "val")]
+    if cfg.get("test") and datamodule.has_split("test"):
+        tested = trainer.test(model, datamodule=datamodule, ckpt_path=evaluation_ckpt, verbose=False)
+        test_metrics = dict(tested[0]) if tested else {}
+        metrics.update(test_metrics)
+        tables.append(metrics_table("Test", test_metrics, "test"))
+    report(Console(), output_dir, tables, best)
+
+    optimized = cfg.get("optimized_metric")
+    if optimized is None:
+        return None
+    if optimized not in metrics:
+        raise ConfigError(f"optimized_metric={optimized!r} was not logged; logged metrics: {sorted(metrics)}")
+    return float(metrics[optimized])
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@report_errors
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from deblur_diffusion.data import DPDD, HIDE, DeblurDataModule, FolderPairs, GoPro, PairListFile, RealBlur, SyntheticPairs
+from deblur_diffusion.data.patches import PatchKey, TrainPatches, WholeImages
+from deblur_diffusion.data.synthesize import synthesize
+from deblur_diffusion.data.synthetic import TRAIN_PHOTOS, VALIDATION_PHOTOS
+from deblur_diffusion.errors import ConfigError, DatasetLayoutError, ImageReadError, PairMismatchError
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    """Writes an RGB uint8/uint16 array with OpenCV (independent of the package's writer)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), pixels[:, :, ::-1] if pixels.ndim == 3 else pixels)
+    return path
+
+
+def random_pixels(rng, height, width, bits=8):
+    return rng.integers(0, 2**bits, size=(height, width, 3), dtype=np.uint8 if bits == 8 else np.uint16)
+
+
+def make_folder(root: Path, rng, names=("a", "b", "c"), size=(20, 24), bits=8):
+    for name in names:
+        write_png(root / "input" / f"{name}.png", random_pixels(rng, *size, bits))
+        write_png(root / "target" / f"{name}.png", random_pixels(rng, *size, bits))
+    return root
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_folder_pairs_read_8_and_16_bit(tmp_path, rng, bits):
+    make_folder(tmp_path, rng, bits=bits)
+    source = FolderPairs(tmp_path / "input", tmp_path / "target")
+    assert len(source) == 3 and [source.name(i) for i in range(3)] == ["a", "b", "c"]
+    lq, gt = source.load(1)
+    expected = cv2.imread(str(tmp_path / "input" / "b.png"), cv2.IMREAD_UNCHANGED)[:, :, ::-1]
+    np.testing.assert_allclose(lq, expected / (2**bits - 1), atol=1e-6)
+    assert gt.shape == (20, 24, 3)
+
+
+def test_unpaired_file_names_are_reported(tmp_path, rng):
+    make_folder(tmp_path, rng)
+    (tmp_path / "target" / "c.png").rename(tmp_path / "target" / "z.png")
+    with pytest.raises(PairMismatchError, match=r"'c'.*|'z'"):
+        FolderPairs(tmp_path / "input", tmp_path / "target")
+
+
+def test_mismatched_pair_sizes_name_both_files(tmp_path, rng):
+    make_folder(tmp_path, rng)
+    write_png(tmp_path / "target" / "b.png", random_pixels(rng, 20, 25))
+    with pytest.raises(PairMismatchError, match=r"input/b.png.*target/b.png"):
+        FolderPairs(tmp_path / "input", tmp_path / "target")
+
+
+def test_corrupt_file_is_named_when_read(tmp_path, rng):
+    make_folder(tmp_path, rng)
+    (tmp_path / "input" / "c.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ImageReadError, match="input/c.png"):
+        FolderPairs(tmp_path / "input", tmp_path / "target")
+    source = FolderPairs(tmp_path / "input", tmp_path / "target", verify_sizes=False)
+    source.load(0)
+    with pytest.raises(ImageReadError, match="input/c.png"):
+        source.load(2)
+
+
+def test_missing_dataset_names_the_expected_layout(tmp_path):
+    with pytest.raises(DatasetLayoutError, match=r"(?s)GoPro.*train/input/\*\.png.*sharp") as error:
+        GoPro(tmp_path / "GoPro", "train")
+    assert "DEBLUR_DATA" in str(error.value)
+    with pytest.raises(DatasetLayoutError, match="RealBlur_J_test_list.txt"):
+        RealBlur(tmp_path, "J", "test")
+    with pytest.raises(DatasetLayoutError, match=r"test_c/target"):
+        DPDD(tmp_path, "test")
+
+
+@pytest.mark.parametrize("layout", ["flat", "scenes"])
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_gopro_reads_what_synthesize_writes(tmp_path, layout, bit_depth):
+    synthesize(tmp_path, train_pairs=5, test_pairs=2, image_size=32, kernel_size=5, bit_depth=bit_depth, layout=layout, pairs_per_scene=2)
+    train = GoPro(tmp_path, "train")
+    test = GoPro(tmp_path, "test")
+    assert len(train) == 5 and len(test) == 2
+    lq, gt = test.load(0)
+    assert lq.shape == gt.shape == (32, 32, 3)
+    expected_lq, expected_gt = SyntheticPairs("val", length=2, image_size=32, kernel_size=5).load(0, None)
+    np.testing.assert_allclose(gt, expected_gt, atol=0.5 / (2**bit_depth - 1) + 1e-6)
+    np.testing.assert_allclose(lq, expected_lq, atol=0.5 / (2**bit_depth - 1) + 1e-6)
+    if layout == "scenes":
+        assert train.name(0) == "scene000_000000"
+
+
+def test_hide_original_layout(tmp_path, rng):
+    for sub, name in [("test-close-ups", "1"), ("test-long-shot", "2")]:
+        write_png(tmp_path / "test" / sub / f"{name}.png", random_pixels(rng, 8, 8))
+    for name in ["1", "2", "3"]:
+        write_png(tmp_path / "GT" / f"{name}.png", random_pixels(rng, 8, 8))
+    assert [HIDE(tmp_path).name(i) for i in range(2)] == ["1", "2"]
+
+
+def test_realblur_pair_list(tmp_path, rng):
+    lines = []
+    for scene in ["scene001", "scene002"]:
+        for frame in [1, 2]:
+            gt = write_png(tmp_path / "RealBlur-J_ref" / scene / "gt" / f"gt_{frame}.png", random_pixels(rng, 10, 12))
+            blur = write_png(tmp_path / "RealBlur-J_ref" / scene / "blur" / f"blur_{frame}.png", random_pixels(rng, 10, 12))
+            lines.append(f"{gt.relative_to(tmp_path)} {blur.relative_to(tmp_path)}")
+    (tmp_path / "RealBlur_J_test_list.txt").write_text("\n".join(lines) + "\n")
+    source = RealBlur(tmp_path, "J", "test")
+    assert len(source) == 4
+    assert source.name(0) == "scene001_gt_gt_1"
+    lq, _ = source.load(0)
+    np.testing.assert_allclose(lq * 255, cv2.imread(str(tmp_path / "RealBlur-J_ref/scene001/blur/blur_1.png"))[:, :, ::-1], atol=1e-3)
+
+
+def test_pair_list_with_a_bad_line_names_the_line(tmp_path):
+    (tmp_path / "pairs.txt").write_text("a.png b.png\nonly_one.png\n")
+    with pytest.raises(DatasetLayoutError, match="pairs.txt:2"):
+        PairListFile(tmp_path / "pairs.txt")
+
+
+def make_dpdd(root: Path, rng, split="test", names=("0001", "0002")):
+    for name in names:
+        write_png(root / f"{split}_c" / "target" / f"{name}.png", random_pixels(rng, 12, 16, 16))
+        for view in "clr":
+            write_png(root / f"{split}_{view}" / "source" / f"{name}.png", random_pixels(rng, 12, 16, 16))
+
+
+def test_dpdd_dual_pixel_concatenates_views_in_the_configured_order(tmp_path, rng):
+    make_dpdd(tmp_path, rng)
+    single = DPDD(tmp_path, "test")
+    left_right = DPDD(tmp_path, "test", views=["l", "r"])
+    right_left = DPDD(tmp_path, "test", views=["r", "l"])
+    assert single.in_channels == 3 and left_right.in_channels == 6
+    lr, gt = left_right.load(1)
+    rl, _ = right_left.load(1)
+    assert lr.shape == (12, 16, 6)
+    left = cv2.imread(str(tmp_path / "test_l/source/0002.png"), cv2.IMREAD_UNCHANGED)[:, :, ::-1] / 65535
+    np.testing.assert_allclose(lr[:, :, :3], left, atol=1e-6)
+    np.testing.assert_array_equal(lr[:, :, :3], rl[:, :, 3:])
+    np.testing.assert_array_equal(single.load(1)[1], gt)
+
+
+def test_dpdd_missing_view_is_reported(tmp_path, rng):
+    make_dpdd(tmp_path, rng)
+    (tmp_path / "test_r" / "source" / "0002.png").unlink()
+    with pytest.raises(PairMismatchError, match="0002"):
+        DPDD(tmp_path, "test", views=["l", "r"])
+
+
+class IdentityPairs(SyntheticPairs):
+    """Pairs whose input equals the target, to check that crops and augmentations match."""
+
+    def load(self, index, rng):
+        _, gt = super().load(index, rng)
+        return gt.copy(), gt
+
+
+def test_training_patches_crop_and_augment_both_images_identically():
+    patches = TrainPatches(IdentityPairs("train", length=4, image_size=40, kernel_size=3))
+    for seed in range(10):
+        item = patches[PatchKey(seed % 4, 24, seed)]
+        assert item["lq"].shape == item["gt"].shape == (3, 24, 24)
+        assert torch.equal(item["lq"], item["gt"])
+    assert torch.equal(patches[PatchKey(1, 24, 5)]["gt"], patches[PatchKey(1, 24, 5)]["gt"])
+
+
+def test_images_smaller_than_the_patch_are_padded(tmp_path, rng):
+    make_folder(tmp_path, rng, size=(10, 14))
+    item = TrainPatches(FolderPairs(tmp_path / "input", tmp_path / "target"))[PatchKey(0, 32, 0)]
+    assert item["lq"].shape == (3, 32, 32)
+
+
+def test_synthetic_split_is_by_source_and_validation_is_reproducible():
+    assert not set(TRAIN_PHOTOS) & set(VALIDATION_PHOTOS)
+    val = SyntheticPairs("val", length=6, image_size=32, seed=3)
+    names = [val.name(i) for i in range(6)]
+    assert all(any(source in n for source in (*VALIDATION_PHOTOS, "dead_leaves")) for n in names)
+    first = [val.load(i, np.random.default_rng(i + 100)) for i in range(6)]
+    again = [SyntheticPairs("val", length=6, image_size=32, seed=3).load(i, None) for i in range(6)]
+    for (lq_a, gt_a), (lq_b, gt_b) in zip(first, again):
+        np.testing.assert_array_equal(lq_a, lq_b)
+        np.testing.assert_array_equal(gt_a, gt_b)
+    # Every pair is visibly blurred.
+    for lq, gt in first:
+        assert np.mean((lq - gt) ** 2) > 1e-5
+
+
+def test_datamodule_rejects_a_channel_mismatch(tmp_path, rng):
+    make_dpdd(tmp_path, rng)
+    with pytest.raises(ConfigError, match="data.in_channels=3.*6 input"):
+        DeblurDataModule(val=DPDD(tmp_path, "test", views=["l", "r"]), in_channels=3)
+
+
+def test_datamodule_train_loader_yields_the_scheduled_batches():
+    module = DeblurDataModule(
+        train=SyntheticPairs("train", length=10, image_size=40, kernel_size=3),
+        val=SyntheticPairs("val", length=2, image_size=24, kernel_size=3),
+        patch_schedule=[[0, 16, 3], [2, 24, 2]],
+        num_workers=0,
+    )
+    batches = list(module.train_dataloader())
+    assert [tuple(b["lq"].shape) for b in batches] == [(3, 3, 16, 16)] * 2 + [(2, 3, 24, 24)] * 2
+    whole = list(module.val_dataloader())
+    assert len(whole) == 2 and whole[0]["gt"].shape == (1, 3, 24, 24)
+    assert WholeImages(module.sources["val"])[1]["name"] == whole[1]["name"][0]
