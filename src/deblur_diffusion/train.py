@@ -49,12 +49,12 @@ def metrics_table(title: str, metrics: dict[str, float], prefix: str) -> Table:
 def report(console: Console, output_dir: Path, tables: list[Table], best_checkpoint: str) -> None:
     for table in tables:
         console.print(table)
-    console.print(f"Run outputs: [bold]{output_dir}[/]")
+    console.print(f"Run outputs: [bold]{output_dir}[/]", soft_wrap=True)
     if best_checkpoint:
-        console.print(f"  best checkpoint: {best_checkpoint}")
+        console.print(f"  best checkpoint: {best_checkpoint}", soft_wrap=True, highlight=False)
     samples = output_dir / "samples" / "latest.png"
     if samples.is_file():
-        console.print(f"  blurry | restored | sharp: {samples}")
+        console.print(f"  blurry | restored | sharp: {samples}", soft_wrap=True, highlight=False)
 
 
 def train(cfg: DictConfig) -> float | None:

@@ -1,0 +1,89 @@
+"""The command-line entry points end to end, as a user runs them."""
+
+import csv
+
+import pytest
+import torch
+
+from conftest import FAST_TRAINER, REPO_ROOT, TINY_RESTORMER, TINY_SYNTHETIC, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def train_args(tmp_path, *extra):
+    return [*TINY_RESTORMER, *TINY_SYNTHETIC, *FAST_TRAINER, f"paths.log_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "run"), *extra]
+
+
+def test_train_writes_checkpoint_samples_and_table_then_resumes_from_its_step(tmp_path):
+    first = run_cli("train", *train_args(tmp_path / "a", "hydra.run.dir=" + str(tmp_path / "a")), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "blurry input" in first.stdout and "PSNR" in first.stdout
+    assert f"Run outputs: {tmp_path / 'a'}" in first.stdout
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert (tmp_path / "a" / "samples" / "latest.png").is_file()
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 4
+    assert state["deblur_diffusion_config"]["model"]["net"]["dim"] == 8
+
+    resumed = run_cli(
+        "train",
+        *train_args(tmp_path / "b", "hydra.run.dir=" + str(tmp_path / "b"), f"ckpt_path={last}", "trainer.max_steps=6"),
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 6
+    assert state["lr_schedulers"][0]["last_epoch"] == 6
+    assert all(int(s["step"]) == 6 for s in state["optimizer_states"][0]["state"].values())
+    with open(tmp_path / "b" / "csv" / "metrics.csv") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert steps and min(steps) >= 4
+
+
+def test_unknown_override_fails_with_hydra_message(tmp_path):
+    result = run_cli("train", "model.net.no_such_key=1", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not override 'model.net.no_such_key'" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("train", "model=no_such_model", cwd=tmp_path)
+    assert result.returncode != 0 and "no_such_model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_dataset_fails_before_training_with_the_layout(tmp_path):
+    result = run_cli("train", "data=gopro", f"paths.data_dir={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"{tmp_path}/nowhere/GoPro/train" in result.stderr
+    assert "Expected layout" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_required_value_is_named(tmp_path):
+    result = run_cli("train", "data=folder", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "data.train.input_dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_summary_prints_the_dual_pixel_parameter_count(tmp_path):
+    result = run_cli("summary", "model=restormer", "data=dpdd_dual", "height=32", "width=32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "26,132,548" in result.stdout and "1x6x32x32" in result.stdout
+
+
+def test_synthesize_cli_writes_16_bit_gopro_layout(tmp_path):
+    result = run_cli("data.synthesize", f"out={tmp_path}/syn", "train_pairs=3", "test_pairs=2", "image_size=24", "bit_depth=16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((tmp_path / "syn" / "train" / "input").glob("*.png"))) == 3
+    assert len(list((tmp_path / "syn" / "test" / "target").glob("*.png"))) == 2
+
+
+def test_wandb_logger_runs_offline_without_an_account(tmp_path):
+    env = {"HOME": str(tmp_path / "home"), "WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": str(tmp_path / "none")}
+    result = run_cli("train", *train_args(tmp_path, "logger=wandb", "trainer.max_steps=2"), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert list(offline_runs[0].glob("*.wandb"))
+
+
+def test_repository_configs_are_found(tmp_path):
+    assert (REPO_ROOT / "conf" / "train.yaml").is_file()
