@@ -206,3 +206,34 @@ def test_datamodule_train_loader_yields_the_scheduled_batches():
     whole = list(module.val_dataloader())
     assert len(whole) == 2 and whole[0]["gt"].shape == (1, 3, 24, 24)
     assert WholeImages(module.sources["val"])[1]["name"] == whole[1]["name"][0]
+
+
+def first_batches(num_workers, count=3):
+    module = DeblurDataModule(
+        train=SyntheticPairs("train", length=12, image_size=40, kernel_size=5),
+        patch_schedule=[[0, 16, 2]],
+        num_workers=num_workers,
+        seed=5,
+    )
+    batches = []
+    for batch in module.train_dataloader():
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+def test_training_batches_do_not_depend_on_the_number_of_workers():
+    for single, parallel in zip(first_batches(0), first_batches(2), strict=True):
+        assert single["name"] == parallel["name"]
+        assert torch.equal(single["lq"], parallel["lq"]) and torch.equal(single["gt"], parallel["gt"])
+
+
+def test_a_corrupt_file_read_in_a_worker_surfaces_with_its_name(tmp_path, rng):
+    make_folder(tmp_path, rng)
+    (tmp_path / "target" / "b.png").write_bytes(b"\x89PNG broken")
+    module = DeblurDataModule(
+        val=FolderPairs(tmp_path / "input", tmp_path / "target", verify_sizes=False), num_workers=1
+    )
+    with pytest.raises(ImageReadError, match="target/b.png"):
+        list(module.val_dataloader())

@@ -28,9 +28,9 @@ def tiny_data():
     )
 
 
-def fit(stage, steps=3, **trainer_options):
+def fit(stage, steps=3, accelerator="cpu", **trainer_options):
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -126,17 +126,6 @@ def test_wandb_mode_is_online_only_with_credentials(tmp_path, monkeypatch):
 @pytest.mark.gpu
 def test_bf16_mixed_precision_training_steps_on_cuda():
     stage = RegressionStage(tiny_net(), torch.nn.L1Loss(), functools.partial(torch.optim.AdamW, lr=1e-3), grad_clip_norm=0.01)
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(stage, datamodule=tiny_data())
+    trainer = fit(stage, steps=3, accelerator="gpu", devices=1, precision="bf16-mixed")
     assert trainer.global_step == 3
     assert all(torch.isfinite(p).all() for p in stage.net.parameters())

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.text import Text
 
 from deblur_diffusion.errors import ConfigError, DeblurError
 
@@ -35,15 +38,31 @@ def require_complete(cfg: DictConfig) -> None:
         )
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def report_errors(task: Callable) -> Callable:
-    """Turns the package's user-facing errors into a one-line message and exit status 1."""
+    """Turns user-facing errors into a short message and exit status 1.
+
+    Errors raised while Hydra builds an object from the config (a missing dataset, a bad option
+    value) arrive wrapped in Hydra's InstantiationException; the message shown is the original one,
+    with the config key that was being built.
+    """
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
         try:
             return task(*args, **kwargs)
         except DeblurError as err:
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            sys.exit(1)
+            heading, message = "error: ", str(err)
+        except InstantiationException as err:
+            key = re.search(r"full_key: (\S+)", str(err))
+            heading = f"error (building {key.group(1)}): " if key else "error: "
+            message = str(_root_cause(err))
+        Console(stderr=True).print(Text.assemble((heading, "bold red"), message), soft_wrap=True)
+        sys.exit(1)
 
     return wrapper

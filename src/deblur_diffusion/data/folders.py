@@ -51,6 +51,11 @@ def _match_by_stem(inputs: list[Path], targets: list[Path], dataset: str) -> lis
     return [(input_by_stem[stem], target_by_stem[stem]) for stem in sorted(target_by_stem)]
 
 
+def _paired_folders(input_dir: Path, target_dir: Path, dataset: str, layout: str) -> list[tuple[Path, Path]]:
+    """(input, target) files of two folders paired by name; both folders must exist and hold images."""
+    return _match_by_stem(_require_images(input_dir, dataset, layout), _require_images(target_dir, dataset, layout), dataset)
+
+
 class PairedFiles(PairSource):
     """Pairs of files: one or more input views (concatenated on channels) and one target.
 
@@ -137,9 +142,7 @@ class FolderPairs(PairedFiles):
     def __init__(self, input_dir: str | Path, target_dir: str | Path, verify_sizes: bool = True):
         input_dir, target_dir = Path(input_dir), Path(target_dir)
         layout = f"  {input_dir}/<name>.png  (blurry)\n  {target_dir}/<name>.png  (sharp, same file names)"
-        pairs = _match_by_stem(
-            _require_images(input_dir, "folder", layout), _require_images(target_dir, "folder", layout), "folder"
-        )
+        pairs = _paired_folders(input_dir, target_dir, "folder", layout)
         super().__init__([[i] for i, _ in pairs], [t for _, t in pairs], dataset="folder", verify_sizes=verify_sizes)
 
 
@@ -207,11 +210,7 @@ class GoPro(PairedFiles):
         )
         _require_dir(split_dir, self.dataset, layout)
         if (split_dir / "input").is_dir():
-            pairs = _match_by_stem(
-                _require_images(split_dir / "input", self.dataset, layout),
-                _require_images(split_dir / "target", self.dataset, layout),
-                self.dataset,
-            )
+            pairs = _paired_folders(split_dir / "input", split_dir / "target", self.dataset, layout)
             inputs, targets = [[i] for i, _ in pairs], [t for _, t in pairs]
             names = [t.stem for t in targets]
         else:
@@ -220,11 +219,7 @@ class GoPro(PairedFiles):
                 raise DatasetLayoutError(f"{self.dataset}: no scene folders with sharp/ in {split_dir}. Expected:\n{layout}")
             inputs, targets, names = [], [], []
             for scene in scenes:
-                pairs = _match_by_stem(
-                    _require_images(scene / blur_folder, self.dataset, layout),
-                    _require_images(scene / "sharp", self.dataset, layout),
-                    self.dataset,
-                )
+                pairs = _paired_folders(scene / blur_folder, scene / "sharp", self.dataset, layout)
                 inputs += [[i] for i, _ in pairs]
                 targets += [t for _, t in pairs]
                 names += [f"{scene.name}_{t.stem}" for _, t in pairs]
@@ -246,15 +241,14 @@ class HIDE(PairedFiles):
         )
         _require_dir(split_dir, self.dataset, layout)
         if (split_dir / "input").is_dir():
-            blurry = _require_images(split_dir / "input", self.dataset, layout)
-            sharp = _require_images(split_dir / "target", self.dataset, layout)
+            pairs = _paired_folders(split_dir / "input", split_dir / "target", self.dataset, layout)
         else:
             blurry = [p for sub in sorted(split_dir.iterdir()) if sub.is_dir() for p in list_images(sub)]
-            sharp = _require_images(root / "GT", self.dataset, layout)
             if not blurry:
                 raise DatasetLayoutError(f"{self.dataset}: no blurry images under {split_dir}. Expected:\n{layout}")
-            sharp = [s for s in sharp if s.stem in {b.stem for b in blurry}]
-        pairs = _match_by_stem(blurry, sharp, self.dataset)
+            blurry_names = {b.stem for b in blurry}
+            sharp = [s for s in _require_images(root / "GT", self.dataset, layout) if s.stem in blurry_names]
+            pairs = _match_by_stem(blurry, sharp, self.dataset)
         super().__init__([[i] for i, _ in pairs], [t for _, t in pairs], dataset=self.dataset, verify_sizes=verify_sizes)
 
 

@@ -68,7 +68,9 @@ class RegressionStage(L.LightningModule):
         self.grad_clip_norm = grad_clip_norm
         self.ema = ModelEmaV3(net, decay=ema_decay) if ema_decay else None
         if self.ema is not None:
-            self.ema.requires_grad_(False)
+            # The average only runs under validation, which sets eval mode itself; keeping it in
+            # train mode like the rest avoids Lightning's "modules in eval mode" warning at fit start.
+            self.ema.requires_grad_(False).train()
         self.val_metrics = image_metrics("val/")
         self.val_input_metrics = image_metrics("val/", "_input")
         self.test_metrics = image_metrics("test/")
