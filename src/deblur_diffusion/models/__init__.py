@@ -1,5 +1,6 @@
 """Restoration networks: plain ``nn.Module`` classes, one file per architecture."""
 
 from deblur_diffusion.models.restormer import Restormer
+from deblur_diffusion.models.swintormer import Swintormer
 
-__all__ = ["Restormer"]
+__all__ = ["Restormer", "Swintormer"]

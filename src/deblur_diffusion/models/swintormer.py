@@ -1,0 +1,352 @@
+"""Swintormer (Chen and Liu, "Efficient Image Deblurring Networks based on Diffusion Models").
+
+A 4-level U-Net like Restormer, with three differences that follow the official code:
+
+* the stem pixel-unshuffles the input by 2 before a 3x3 conv, so level 1 runs at H/2 x W/2, and the
+  head is a 3x3 conv to 12 channels and a pixel-shuffle back to full resolution;
+* every block's attention works inside (shifted) windows and splits its q/k/v channels in halves:
+  one half does SwinV2-style spatial attention (cosine similarity with a learned logit scale, a
+  continuous relative-position bias, the shift mask), the other MDTA-style channel attention over
+  the window's tokens; both normalise with "softmax one", exp(x - max) / (1 + sum exp(x - max));
+* the feed-forward network is a plain gated product (1x1 conv, x1 * x2, 1x1 conv).
+
+Input channels: ``[image to restore (3) | extra views or prior (3 each)]``. The residual is always
+the first three channels, so with 6 channels they are the blurry image (or, for dual-pixel DPDD as
+in the official code, the right view) followed by the left view or the diffusion prior z0; with 9,
+dual-pixel views then the prior. The image is scaled to [-1, 1] inside and back at the output.
+
+Unlike the official code, any input size works: the input is reflect-padded to a multiple of
+16 * window_size (three downsamplings after the stem, and whole windows at the coarsest level)
+and the output cropped back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from deblur_diffusion.models.blocks import ChannelLayerNorm, Downsample, Upsample, pad_to_multiple
+
+IMAGE_CHANNELS = 3
+_LEVELS = 4
+_MAX_LOGIT_SCALE = math.log(100.0)
+_SHIFT_MASK_VALUE = -100.0
+ATTENTION_SOFTMAX = ("softmax_one", "softmax")
+
+LEVEL_NAMES = (
+    "encoder_level1",
+    "encoder_level2",
+    "encoder_level3",
+    "latent",
+    "decoder_level3",
+    "decoder_level2",
+    "decoder_level1",
+    "refinement",
+)
+# The official code checkpoints every level but the first.
+OFFICIAL_CHECKPOINTED_LEVELS = LEVEL_NAMES[1:]
+
+
+def softmax_one(scores: torch.Tensor) -> torch.Tensor:
+    """exp(x - max) / (1 + sum exp(x - max)) over the last axis, as the official code computes it.
+
+    The extra 1 lets a row give little weight to every key. It is not expressible as a fused
+    attention kernel (it depends on the row maximum), so attention with it runs as explicit matmuls.
+    """
+    exp = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    return exp / (1 + exp.sum(dim=-1, keepdim=True))
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    return rearrange(x, "b c (nh wh) (nw ww) -> (b nh nw) c wh ww", wh=window, ww=window)
+
+
+def window_merge(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
+    return rearrange(windows, "(b nh nw) c wh ww -> b c (nh wh) (nw ww)", nh=height // window, nw=width // window)
+
+
+def shift_window_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
+    """(windows, N, N) additive mask for shifted windows: -100 between tokens that came from
+    different image regions before the cyclic shift (they are not neighbours), 0 otherwise."""
+    regions = torch.zeros(1, 1, height, width, device=device)
+    bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    label = 0
+    for rows in bands:
+        for cols in bands:
+            regions[:, :, rows, cols] = label
+            label += 1
+    labels = window_partition(regions, window).flatten(1)
+    different = labels.unsqueeze(1) != labels.unsqueeze(2)
+    return torch.zeros_like(different, dtype=torch.float32).masked_fill(different, _SHIFT_MASK_VALUE)
+
+
+def log_spaced_relative_coordinates(window: int) -> torch.Tensor:
+    """(2W-1, 2W-1, 2) relative offsets scaled to [-8, 8] and log-spaced, SwinV2's CPB input."""
+    offsets = torch.arange(-(window - 1), window, dtype=torch.float32) / (window - 1) * 8
+    table = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1)
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """(N, N) index into the (2W-1)^2 offset table for every pair of tokens of a window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return relative[..., 0] * (2 * window - 1) + relative[..., 1]
+
+
+class MixedWindowAttention(nn.Module):
+    """Shifted-window spatial attention and channel attention on the two halves of q/k/v.
+
+    q/k/v come from a 1x1 conv and a 3x3 depthwise conv applied to each window separately (the
+    depthwise conv sees zero padding at window borders, as in the official code).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        bias: bool,
+        window_size: int,
+        shift_size: int,
+        attention_softmax: str = "softmax_one",
+    ):
+        super().__init__()
+        if attention_softmax not in ATTENTION_SOFTMAX:
+            raise ValueError(f"attention_softmax must be one of {ATTENTION_SOFTMAX}, got {attention_softmax!r}")
+        if dim % 2 or (dim // 2) % num_heads:
+            raise ValueError(f"dim={dim} must split into two halves divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.attention_softmax = attention_softmax
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+        self.register_buffer("relative_coords_table", log_spaced_relative_coordinates(window_size), persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+
+    def position_bias(self) -> torch.Tensor:
+        """(heads, N, N) continuous relative-position bias, 16 * sigmoid(MLP(offset))."""
+        tokens = self.window_size**2
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index.view(-1)].view(tokens, tokens, self.num_heads)
+        return 16 * torch.sigmoid(bias.permute(2, 0, 1))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, additive: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T + additive) v with the configured softmax; q carries its scale."""
+        if self.attention_softmax == "softmax":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=1.0)
+        scores = q @ k.transpose(-2, -1)
+        if additive is not None:
+            scores = scores + additive
+        return softmax_one(scores) @ v
+
+    def spatial_attention(self, qkv: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+        q, k, v = (
+            rearrange(t, "(b n) (head c) h w -> b n head (h w) c", b=batch, head=self.num_heads)
+            for t in qkv.chunk(3, dim=1)
+        )
+        scale = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()
+        q = F.normalize(q, dim=-1) * scale
+        k = F.normalize(k, dim=-1)
+        # (heads, N, N), or (windows, heads, N, N) with the shift mask; broadcast over the batch.
+        additive = self.position_bias()
+        if self.shift_size > 0:
+            mask = shift_window_mask(height, width, self.window_size, self.shift_size, qkv.device)
+            additive = additive + mask.unsqueeze(1)
+        out = self._attend(q, k, v, additive.to(q.dtype))
+        return rearrange(out, "b n head (h w) c -> (b n) (head c) h w", h=self.window_size, w=self.window_size)
+
+    def channel_attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=self.num_heads) for t in qkv.chunk(3, dim=1))
+        out = self._attend(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, None)
+        return rearrange(out, "b head c (h w) -> b (head c) h w", h=self.window_size, w=self.window_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        if self.shift_size > 0:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(2, 3))
+        windows = window_partition(x, self.window_size)
+        spatial_qkv, channel_qkv = self.qkv_dwconv(self.qkv(windows)).split(channels * 3 // 2, dim=1)
+        mixed = torch.cat(
+            [self.spatial_attention(spatial_qkv, batch, height, width), self.channel_attention(channel_qkv)], dim=1
+        )
+        out = window_merge(self.project_out(mixed), self.window_size, height, width)
+        if self.shift_size > 0:
+            out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(2, 3))
+        return out
+
+
+class GatedProductFFN(nn.Module):
+    """1x1 conv to 2 * hidden, product of the halves, 1x1 conv back (no depthwise conv, no GELU)."""
+
+    def __init__(self, dim: int, expansion_factor: float, bias: bool):
+        super().__init__()
+        hidden = int(dim * expansion_factor)
+        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
+        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = self.project_in(x).chunk(2, dim=1)
+        return self.project_out(first * second)
+
+
+class SwintormerBlock(nn.Module):
+    """x + MixedWindowAttention(LN(x)), then x + GatedProductFFN(LN(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_expansion_factor: float,
+        bias: bool,
+        window_size: int,
+        shift_size: int,
+        attention_softmax: str,
+    ):
+        super().__init__()
+        self.norm1 = ChannelLayerNorm(dim, with_bias=True)
+        self.attn = MixedWindowAttention(dim, num_heads, bias, window_size, shift_size, attention_softmax)
+        self.norm2 = ChannelLayerNorm(dim, with_bias=True)
+        self.ffn = GatedProductFFN(dim, ffn_expansion_factor, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class PixelUnshuffleEmbed(nn.Module):
+    """Pixel-unshuffle by 2 (C -> 4C at half resolution), then a 3x3 conv to ``dim``."""
+
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.PixelUnshuffle(2)
+        self.proj2 = nn.Conv2d(in_channels * 4, dim, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj2(self.proj(x))
+
+
+class Swintormer(nn.Module):
+    """Swintormer with the official constructor arguments and parameter names.
+
+    Args beyond the official ones:
+        attention_softmax: ``"softmax_one"`` (official) or ``"softmax"``, which runs both attentions
+            through ``F.scaled_dot_product_attention`` (the bias and shift mask as an additive mask).
+        checkpoint_levels: level names whose activations are recomputed in the backward pass
+            (``"official"``: every level but the first, as the official code does).
+    """
+
+    def __init__(
+        self,
+        inp_channels: int = 6,
+        dim: int = 48,
+        num_blocks: Sequence[int] = (2, 4, 6, 8),
+        num_refinement_blocks: int = 4,
+        heads: Sequence[int] = (1, 2, 4, 8),
+        ffn_expansion_factor: float = 2.66,
+        bias: bool = False,
+        window_size: int = 16,
+        LayerNorm_type: str = "WithBias",  # noqa: N803 - official argument; the official code ignores it too
+        attention_softmax: str = "softmax_one",
+        checkpoint_levels: Sequence[str] | str = (),
+    ):
+        super().__init__()
+        if len(num_blocks) != _LEVELS or len(heads) != _LEVELS:
+            raise ValueError(f"num_blocks and heads need {_LEVELS} entries, got {list(num_blocks)} and {list(heads)}")
+        if inp_channels < IMAGE_CHANNELS or inp_channels % IMAGE_CHANNELS:
+            raise ValueError(f"inp_channels must be 3, 6 or 9 (image, then extra views/prior), got {inp_channels}")
+        if window_size < 2:
+            raise ValueError(f"window_size must be at least 2, got {window_size}")
+        if checkpoint_levels == "official":
+            checkpoint_levels = OFFICIAL_CHECKPOINTED_LEVELS
+        unknown = set(checkpoint_levels) - set(LEVEL_NAMES)
+        if unknown:
+            raise ValueError(f"unknown checkpoint_levels {sorted(unknown)}; levels are {list(LEVEL_NAMES)}")
+        self.inp_channels = inp_channels
+        self.window_size = window_size
+        self.checkpoint_levels = frozenset(checkpoint_levels)
+        self.size_multiple = 2**_LEVELS * window_size
+
+        def stage(width: int, n_heads: int, depth: int) -> nn.Sequential:
+            return nn.Sequential(
+                *(
+                    SwintormerBlock(
+                        width,
+                        n_heads,
+                        ffn_expansion_factor,
+                        bias,
+                        window_size,
+                        0 if i % 2 == 0 else window_size // 2,
+                        attention_softmax,
+                    )
+                    for i in range(depth)
+                )
+            )
+
+        self.patch_embed = PixelUnshuffleEmbed(inp_channels, dim)
+        self.encoder_level1 = stage(dim, heads[0], num_blocks[0])
+        self.down1_2 = Downsample(dim)
+        self.encoder_level2 = stage(dim * 2, heads[1], num_blocks[1])
+        self.down2_3 = Downsample(dim * 2)
+        self.encoder_level3 = stage(dim * 4, heads[2], num_blocks[2])
+        self.down3_4 = Downsample(dim * 4)
+        self.latent = stage(dim * 8, heads[3], num_blocks[3])
+
+        self.up4_3 = Upsample(dim * 8)
+        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
+        self.decoder_level3 = stage(dim * 4, heads[2], num_blocks[2])
+        self.up3_2 = Upsample(dim * 4)
+        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
+        self.decoder_level2 = stage(dim * 2, heads[1], num_blocks[1])
+        self.up2_1 = Upsample(dim * 2)
+        self.decoder_level1 = stage(dim * 2, heads[0], num_blocks[0])
+
+        self.refinement = stage(dim * 2, heads[0], num_refinement_blocks)
+        self.skip_conv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=bias)
+        self.apply(_init_weights)
+        # Created after the initialisation, as in the official code: the head keeps PyTorch's default.
+        self.output = nn.Sequential(
+            nn.Conv2d(dim * 2, IMAGE_CHANNELS * 4, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
+        )
+
+    def _level(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        level = getattr(self, name)
+        if name in self.checkpoint_levels and self.training and torch.is_grad_enabled():
+            return checkpoint(level, x, use_reentrant=False)
+        return level(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.inp_channels:
+            raise ValueError(f"Swintormer expects a (B, {self.inp_channels}, H, W) tensor, got {tuple(x.shape)}")
+        padded, (height, width) = pad_to_multiple(2 * x - 1, self.size_multiple)
+
+        stem = self.patch_embed(padded)
+        enc1 = self._level("encoder_level1", stem)
+        enc2 = self._level("encoder_level2", self.down1_2(enc1))
+        enc3 = self._level("encoder_level3", self.down2_3(enc2))
+        latent = self._level("latent", self.down3_4(enc3))
+
+        dec3 = self._level("decoder_level3", self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], dim=1)))
+        dec2 = self._level("decoder_level2", self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1)))
+        dec1 = self._level("decoder_level1", torch.cat([self.up2_1(dec2), enc1], dim=1))
+        refined = self._level("refinement", dec1) + self.skip_conv(stem)
+
+        out = self.output(refined) + padded[:, :IMAGE_CHANNELS]
+        return ((out + 1) / 2)[..., :height, :width]
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The official initialisation: truncated normal (std 0.02) for convs and linears, zero biases."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
