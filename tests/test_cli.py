@@ -87,3 +87,35 @@ def test_wandb_logger_runs_offline_without_an_account(tmp_path):
 
 def test_repository_configs_are_found(tmp_path):
     assert (REPO_ROOT / "conf" / "train.yaml").is_file()
+
+
+TINY_SWINTORMER = [
+    "model=swintormer",
+    "model.net.dim=8",
+    "model.net.num_blocks=[2,1,1,1]",
+    "model.net.num_refinement_blocks=1",
+    "model.net.heads=[1,1,1,1]",
+    "model.net.window_size=4",
+    "model.net.checkpoint_levels=official",
+]
+
+
+def test_swintormer_trains_with_perceptual_loss_and_tiled_validation(tmp_path):
+    args = [
+        *TINY_SWINTORMER,
+        *TINY_SYNTHETIC,
+        *FAST_TRAINER,
+        "model/loss=l1_perceptual",
+        "model.loss.losses.perceptual.pretrained=false",
+        "inference=tiles",
+        "inference.tile_size=24",
+        "inference.stride=16",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    result = run_cli("train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 4
+    assert any(k.startswith("ema.module.latent.") for k in state["state_dict"])
+    assert not any(k.startswith("loss.") for k in state["state_dict"])
+    assert state["deblur_diffusion_config"]["inference"]["mode"] == "tiles"

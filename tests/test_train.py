@@ -30,10 +30,25 @@ def test_train_returns_the_monitored_metric_and_logs_to_tensorboard(tmp_path):
 
 
 @pytest.mark.parametrize("experiment", ["quickstart", "restormer_gopro", "restormer_dpdd", "restormer_dpdd_dual"])
-def test_experiment_presets_compose(tmp_path, experiment):
+def test_restormer_presets_compose(tmp_path, experiment):
     cfg = compose_train(tmp_path, f"experiment={experiment}")
     assert cfg.model.net.inp_channels == (6 if experiment.endswith("dual") else 3)
     assert cfg.model.net.dual_pixel_task == experiment.endswith("dual")
+
+
+def test_swintormer_dpdd_preset_holds_the_paper_settings(tmp_path):
+    cfg = compose_train(tmp_path, "experiment=swintormer_dpdd")
+    assert cfg.model.net.inp_channels == 6 and list(cfg.data.train.views) == ["r", "l"]
+    assert cfg.model.optimizer.lr == 3e-4 and cfg.model.optimizer.weight_decay == 1e-4
+    assert cfg.model.scheduler.eta_mins[-1] == 1e-6 and cfg.model.ema_decay == 0.999
+    assert cfg.model.grad_clip_norm == 0.01 and list(cfg.data.patch_schedule) == [[0, 256, 9]]
+    assert cfg.inference.mode == "tiles" and (cfg.inference.tile_size, cfg.inference.stride) == (256, 220)
+
+
+@pytest.mark.parametrize("data", ["dpdd", "dpdd_dual"])
+def test_swintormer_on_dpdd_composes_with_matching_channels(tmp_path, data):
+    cfg = compose_train(tmp_path, "model=swintormer", f"data={data}")
+    assert cfg.model.net.inp_channels == (6 if data == "dpdd_dual" else 3)
 
 
 def test_charbonnier_matches_its_formula():

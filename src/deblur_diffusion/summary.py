@@ -24,10 +24,14 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def measure(model: nn.Module, inputs: torch.Tensor) -> tuple[dict[str, int], int]:
-    """FLOPs of one forward pass: per module path (``net.encoder_level1``) and in total."""
-    model.eval()
+    """FLOPs of one forward pass: per module path (``net.encoder_level1``) and in total.
+
+    The pass runs on the meta device: shapes propagate and FLOPs are counted, nothing is computed,
+    so any size is instant. The model is moved there and left there.
+    """
+    model.to("meta").eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(inputs)
+        model(inputs.to("meta"))
     owner = type(model).__name__
     per_module = {}
     for path, counts in counter.get_flop_counts().items():
@@ -38,7 +42,7 @@ def measure(model: nn.Module, inputs: torch.Tensor) -> tuple[dict[str, int], int
 
 def summary_table(model: nn.Module, height: int, width: int, in_channels: int, batch_size: int = 1) -> Table:
     networks = model.inference_networks()
-    flops_by_path, total_flops = measure(model, torch.zeros(batch_size, in_channels, height, width))
+    flops_by_path, total_flops = measure(model, torch.zeros(batch_size, in_channels, height, width, device="meta"))
     table = Table(title=f"{type(model).__name__}: parameters and MACs at {batch_size}x{in_channels}x{height}x{width}")
     table.add_column("module")
     table.add_column("parameters", justify="right")

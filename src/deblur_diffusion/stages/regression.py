@@ -18,6 +18,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from deblur_diffusion.errors import DeblurError
+from deblur_diffusion.inference import Inference
 
 IMAGE_CHANNELS = 3
 
@@ -49,6 +50,8 @@ class RegressionStage(L.LightningModule):
         grad_clip_norm: clip the global gradient norm to this value (None: no clipping).
         ema_decay: keep an exponential moving average of the weights with this decay, validate
             and test with it (None: no EMA).
+        inference: how validation, testing and ``forward`` run the network: on whole images
+            (default) or on overlapping tiles.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class RegressionStage(L.LightningModule):
         scheduler: Callable[[Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
         grad_clip_norm: float | None = None,
         ema_decay: float | None = None,
+        inference: Inference | None = None,
     ):
         super().__init__()
         self.net = net
@@ -66,6 +70,7 @@ class RegressionStage(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.grad_clip_norm = grad_clip_norm
+        self.inference = inference or Inference()
         self.ema = ModelEmaV3(net, decay=ema_decay) if ema_decay else None
         if self.ema is not None:
             # The average only runs under validation, which sets eval mode itself; keeping it in
@@ -87,7 +92,8 @@ class RegressionStage(L.LightningModule):
         return {"net": self.inference_net}
 
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
-        return self.inference_net(lq)
+        """Restores a batch with the inference weights, whole or tiled as configured."""
+        return self.inference(self.inference_net, lq)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         prediction = self.net(batch["lq"])
