@@ -21,8 +21,6 @@ def test_vgg_is_frozen_and_kept_out_of_checkpoints():
     loss = PerceptualLoss(pretrained=False)
     assert list(loss.parameters()) == []
     assert loss.state_dict() == {}
-    loss.train()
-    assert not loss.features.training
 
 
 def test_features_match_torchvision_vgg19_loaded_from_a_local_file(tmp_path):

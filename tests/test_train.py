@@ -45,6 +45,12 @@ def test_swintormer_dpdd_preset_holds_the_paper_settings(tmp_path):
     assert cfg.inference.mode == "tiles" and (cfg.inference.tile_size, cfg.inference.stride) == (256, 220)
 
 
+def test_swintormer_single_image_preset_reads_the_combined_view(tmp_path):
+    cfg = compose_train(tmp_path, "experiment=swintormer_dpdd_single")
+    assert cfg.model.net.inp_channels == 3 and list(cfg.data.train.views) == ["c"]
+    assert cfg.inference.mode == "tiles" and cfg.model.ema_decay == 0.999
+
+
 @pytest.mark.parametrize("data", ["dpdd", "dpdd_dual"])
 def test_swintormer_on_dpdd_composes_with_matching_channels(tmp_path, data):
     cfg = compose_train(tmp_path, "model=swintormer", f"data={data}")

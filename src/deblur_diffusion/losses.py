@@ -91,7 +91,7 @@ class PerceptualLoss(nn.Module):
         if pretrained:
             network.load_state_dict(load_vgg19_weights(weights_path))
         last = max(VGG19_CONV_INDEX[layer] for layer in layers)
-        self.features = network.features[: last + 1].eval()
+        self.features = network.features[: last + 1]
         for layer in self.features:
             if isinstance(layer, nn.ReLU):
                 # In place, a ReLU would overwrite the pre-activation features kept for the loss.
@@ -100,12 +100,6 @@ class PerceptualLoss(nn.Module):
         self.layer_weights = {VGG19_CONV_INDEX[layer]: weight for layer, weight in zip(layers, weights, strict=True)}
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def train(self, mode: bool = True) -> PerceptualLoss:
-        # The feature extractor stays in eval mode whatever the enclosing module does.
-        super().train(mode)
-        self.features.eval()
-        return self
 
     def extract(self, image: torch.Tensor) -> dict[int, torch.Tensor]:
         x = (image - self.mean) / self.std
