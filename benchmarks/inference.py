@@ -143,7 +143,6 @@ def main() -> None:
                 ratios = ("", "") if whole is None or mode == "whole" else (f"{seconds / whole[0]:.2f}x", f"{peak / max(whole[1], 1e-9):.2f}x")
                 table.add_row(name, f"infer {mode}", f"{height}x{width}", f"{seconds:.3f}", f"{peak:.0f}", *ratios)
                 console.print(f"measured {name} {mode} {height}x{width}: {seconds:.3f} s, {peak:.0f} MiB")
-            del image
         if args.no_train:
             continue
         variants = [("train step", ())] + ([("train step, checkpointed", "official")] if name == "swintormer" else [])
@@ -165,7 +164,6 @@ def main() -> None:
             ratios = ("", "") if label == "train step" else (f"{seconds / baseline[0]:.2f}x", f"{peak / baseline[1]:.2f}x")
             table.add_row(name, label, f"{args.train_batch}x256x256", f"{seconds:.3f}", f"{peak:.0f}", *ratios)
             console.print(f"measured {name} {label}: {seconds:.3f} s, {peak:.0f} MiB")
-            del network, optimizer
     console.print(table)
 
 

@@ -6,6 +6,8 @@ renaming (``norm1.body.weight``, ``attn.qkv_dwconv``, ``ffn.project_in``, ...).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -161,3 +163,59 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tu
     if mode == "reflect" and (pad_h >= height or pad_w >= width):
         mode = "replicate"
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (height, width)
+
+
+class FourLevelUNet(nn.Module):
+    """The 4-level encoder-decoder that Restormer and Swintormer share (official attribute names).
+
+    Channels double and resolution halves at each level. The decoder concatenates the encoder
+    features; it reduces channels with a 1x1 conv at levels 3 and 2 but keeps 2*dim at level 1, and
+    a refinement stage follows at that width. Subclasses provide the stem and the head;
+    ``make_stage(width, heads, depth)`` builds the blocks of one level.
+    """
+
+    LEVELS = 4
+
+    def build_levels(
+        self,
+        make_stage,
+        dim: int,
+        num_blocks: Sequence[int],
+        num_refinement_blocks: int,
+        heads: Sequence[int],
+        bias: bool,
+    ) -> None:
+        if len(num_blocks) != self.LEVELS or len(heads) != self.LEVELS:
+            raise ValueError(f"num_blocks and heads need {self.LEVELS} entries, got {list(num_blocks)} and {list(heads)}")
+        self.encoder_level1 = make_stage(dim, heads[0], num_blocks[0])
+        self.down1_2 = Downsample(dim)
+        self.encoder_level2 = make_stage(dim * 2, heads[1], num_blocks[1])
+        self.down2_3 = Downsample(dim * 2)
+        self.encoder_level3 = make_stage(dim * 4, heads[2], num_blocks[2])
+        self.down3_4 = Downsample(dim * 4)
+        self.latent = make_stage(dim * 8, heads[3], num_blocks[3])
+
+        self.up4_3 = Upsample(dim * 8)
+        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
+        self.decoder_level3 = make_stage(dim * 4, heads[2], num_blocks[2])
+        self.up3_2 = Upsample(dim * 4)
+        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
+        self.decoder_level2 = make_stage(dim * 2, heads[1], num_blocks[1])
+        self.up2_1 = Upsample(dim * 2)
+        self.decoder_level1 = make_stage(dim * 2, heads[0], num_blocks[0])
+        self.refinement = make_stage(dim * 2, heads[0], num_refinement_blocks)
+
+    def run_level(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Runs one level's blocks; subclasses may wrap it (activation checkpointing)."""
+        return getattr(self, name)(x)
+
+    def encode_decode(self, stem: torch.Tensor) -> torch.Tensor:
+        """Stem features (B, dim, h, w) to refined features (B, 2*dim, h, w)."""
+        enc1 = self.run_level("encoder_level1", stem)
+        enc2 = self.run_level("encoder_level2", self.down1_2(enc1))
+        enc3 = self.run_level("encoder_level3", self.down2_3(enc2))
+        latent = self.run_level("latent", self.down3_4(enc3))
+        dec3 = self.run_level("decoder_level3", self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], dim=1)))
+        dec2 = self.run_level("decoder_level2", self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1)))
+        dec1 = self.run_level("decoder_level1", torch.cat([self.up2_1(dec2), enc1], dim=1))
+        return self.run_level("refinement", dec1)

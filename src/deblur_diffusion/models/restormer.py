@@ -17,25 +17,22 @@ import torch
 from torch import nn
 
 from deblur_diffusion.models.blocks import (
-    Downsample,
+    FourLevelUNet,
     OverlapPatchEmbed,
     TransformerBlock,
-    Upsample,
     layer_norm_has_bias,
     pad_to_multiple,
 )
 
-_LEVELS = 4
 
-
-class Restormer(nn.Module):
+class Restormer(FourLevelUNet):
     """Restormer with the official constructor arguments and parameter names.
 
     Any input size is accepted: the input is reflect-padded to a multiple of 8 (three
     downsamplings) and the output cropped back.
     """
 
-    size_multiple = 2 ** (_LEVELS - 1)
+    size_multiple = 2 ** (FourLevelUNet.LEVELS - 1)
 
     def __init__(
         self,
@@ -51,8 +48,6 @@ class Restormer(nn.Module):
         dual_pixel_task: bool = False,
     ):
         super().__init__()
-        if len(num_blocks) != _LEVELS or len(heads) != _LEVELS:
-            raise ValueError(f"num_blocks and heads need {_LEVELS} entries, got {list(num_blocks)} and {list(heads)}")
         if not dual_pixel_task and inp_channels < out_channels:
             raise ValueError(
                 f"inp_channels={inp_channels} < out_channels={out_channels}: the residual is taken from the "
@@ -69,25 +64,7 @@ class Restormer(nn.Module):
             )
 
         self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
-
-        self.encoder_level1 = stage(dim, heads[0], num_blocks[0])
-        self.down1_2 = Downsample(dim)
-        self.encoder_level2 = stage(dim * 2, heads[1], num_blocks[1])
-        self.down2_3 = Downsample(dim * 2)
-        self.encoder_level3 = stage(dim * 4, heads[2], num_blocks[2])
-        self.down3_4 = Downsample(dim * 4)
-        self.latent = stage(dim * 8, heads[3], num_blocks[3])
-
-        self.up4_3 = Upsample(dim * 8)
-        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
-        self.decoder_level3 = stage(dim * 4, heads[2], num_blocks[2])
-        self.up3_2 = Upsample(dim * 4)
-        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
-        self.decoder_level2 = stage(dim * 2, heads[1], num_blocks[1])
-        self.up2_1 = Upsample(dim * 2)
-        self.decoder_level1 = stage(dim * 2, heads[0], num_blocks[0])
-
-        self.refinement = stage(dim * 2, heads[0], num_refinement_blocks)
+        self.build_levels(stage, dim, num_blocks, num_refinement_blocks, heads, bias)
         if dual_pixel_task:
             self.skip_conv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=bias)
         self.output = nn.Conv2d(dim * 2, out_channels, kernel_size=3, padding=1, bias=bias)
@@ -98,15 +75,7 @@ class Restormer(nn.Module):
         padded, (height, width) = pad_to_multiple(x, self.size_multiple)
 
         stem = self.patch_embed(padded)
-        enc1 = self.encoder_level1(stem)
-        enc2 = self.encoder_level2(self.down1_2(enc1))
-        enc3 = self.encoder_level3(self.down2_3(enc2))
-        latent = self.latent(self.down3_4(enc3))
-
-        dec3 = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], dim=1)))
-        dec2 = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1)))
-        dec1 = self.decoder_level1(torch.cat([self.up2_1(dec2), enc1], dim=1))
-        refined = self.refinement(dec1)
+        refined = self.encode_decode(stem)
 
         if self.dual_pixel_task:
             out = self.output(refined + self.skip_conv(stem))

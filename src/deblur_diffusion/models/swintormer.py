@@ -31,10 +31,9 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from deblur_diffusion.models.blocks import ChannelLayerNorm, Downsample, Upsample, pad_to_multiple
+from deblur_diffusion.models.blocks import ChannelLayerNorm, FourLevelUNet, pad_to_multiple
 
 IMAGE_CHANNELS = 3
-_LEVELS = 4
 _MAX_LOGIT_SCALE = math.log(100.0)
 _SHIFT_MASK_VALUE = -100.0
 ATTENTION_SOFTMAX = ("softmax_one", "softmax")
@@ -235,7 +234,7 @@ class PixelUnshuffleEmbed(nn.Module):
         return self.proj2(self.proj(x))
 
 
-class Swintormer(nn.Module):
+class Swintormer(FourLevelUNet):
     """Swintormer with the official constructor arguments and parameter names.
 
     Args beyond the official ones:
@@ -260,8 +259,6 @@ class Swintormer(nn.Module):
         checkpoint_levels: Sequence[str] | str = (),
     ):
         super().__init__()
-        if len(num_blocks) != _LEVELS or len(heads) != _LEVELS:
-            raise ValueError(f"num_blocks and heads need {_LEVELS} entries, got {list(num_blocks)} and {list(heads)}")
         if inp_channels < IMAGE_CHANNELS or inp_channels % IMAGE_CHANNELS:
             raise ValueError(f"inp_channels must be 3, 6 or 9 (image, then extra views/prior), got {inp_channels}")
         if window_size < 2:
@@ -274,7 +271,7 @@ class Swintormer(nn.Module):
         self.inp_channels = inp_channels
         self.window_size = window_size
         self.checkpoint_levels = frozenset(checkpoint_levels)
-        self.size_multiple = 2**_LEVELS * window_size
+        self.size_multiple = 2**self.LEVELS * window_size
 
         def stage(width: int, n_heads: int, depth: int) -> nn.Sequential:
             return nn.Sequential(
@@ -293,24 +290,7 @@ class Swintormer(nn.Module):
             )
 
         self.patch_embed = PixelUnshuffleEmbed(inp_channels, dim)
-        self.encoder_level1 = stage(dim, heads[0], num_blocks[0])
-        self.down1_2 = Downsample(dim)
-        self.encoder_level2 = stage(dim * 2, heads[1], num_blocks[1])
-        self.down2_3 = Downsample(dim * 2)
-        self.encoder_level3 = stage(dim * 4, heads[2], num_blocks[2])
-        self.down3_4 = Downsample(dim * 4)
-        self.latent = stage(dim * 8, heads[3], num_blocks[3])
-
-        self.up4_3 = Upsample(dim * 8)
-        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
-        self.decoder_level3 = stage(dim * 4, heads[2], num_blocks[2])
-        self.up3_2 = Upsample(dim * 4)
-        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
-        self.decoder_level2 = stage(dim * 2, heads[1], num_blocks[1])
-        self.up2_1 = Upsample(dim * 2)
-        self.decoder_level1 = stage(dim * 2, heads[0], num_blocks[0])
-
-        self.refinement = stage(dim * 2, heads[0], num_refinement_blocks)
+        self.build_levels(stage, dim, num_blocks, num_refinement_blocks, heads, bias)
         self.skip_conv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=bias)
         self.apply(_init_weights)
         # Created after the initialisation, as in the official code: the head keeps PyTorch's default.
@@ -318,11 +298,10 @@ class Swintormer(nn.Module):
             nn.Conv2d(dim * 2, IMAGE_CHANNELS * 4, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
         )
 
-    def _level(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        level = getattr(self, name)
+    def run_level(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if name in self.checkpoint_levels and self.training and torch.is_grad_enabled():
-            return checkpoint(level, x, use_reentrant=False)
-        return level(x)
+            return checkpoint(getattr(self, name), x, use_reentrant=False)
+        return super().run_level(name, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.inp_channels:
@@ -330,15 +309,7 @@ class Swintormer(nn.Module):
         padded, (height, width) = pad_to_multiple(2 * x - 1, self.size_multiple)
 
         stem = self.patch_embed(padded)
-        enc1 = self._level("encoder_level1", stem)
-        enc2 = self._level("encoder_level2", self.down1_2(enc1))
-        enc3 = self._level("encoder_level3", self.down2_3(enc2))
-        latent = self._level("latent", self.down3_4(enc3))
-
-        dec3 = self._level("decoder_level3", self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], dim=1)))
-        dec2 = self._level("decoder_level2", self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1)))
-        dec1 = self._level("decoder_level1", torch.cat([self.up2_1(dec2), enc1], dim=1))
-        refined = self._level("refinement", dec1) + self.skip_conv(stem)
+        refined = self.encode_decode(stem) + self.skip_conv(stem)
 
         out = self.output(refined) + padded[:, :IMAGE_CHANNELS]
         return ((out + 1) / 2)[..., :height, :width]
