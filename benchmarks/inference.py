@@ -120,10 +120,9 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype_note = "fp32"
     console = Console(width=150)
 
-    table = Table(title=f"Inference and training step on {device} ({dtype_note}, tiles 256/220, batch {args.tile_batch})")
+    table = Table(title=f"Inference and training step on {device} (fp32, tiles 256/220, batch {args.tile_batch})")
     for column in ("model", "work", "size", "seconds", "peak MiB", "time vs whole", "memory vs whole"):
         table.add_column(column, justify="left" if column in ("model", "work") else "right")
 

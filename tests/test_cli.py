@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from conftest import FAST_TRAINER, REPO_ROOT, TINY_RESTORMER, TINY_SYNTHETIC, run_cli
+from conftest import FAST_TRAINER, TINY_RESTORMER, TINY_SYNTHETIC, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -83,10 +83,6 @@ def test_wandb_logger_runs_offline_without_an_account(tmp_path):
     offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
     assert list(offline_runs[0].glob("*.wandb"))
-
-
-def test_repository_configs_are_found(tmp_path):
-    assert (REPO_ROOT / "conf" / "train.yaml").is_file()
 
 
 TINY_SWINTORMER = [

@@ -128,17 +128,20 @@ class SyntheticPairs(PairSource):
     def __len__(self) -> int:
         return self.length
 
+    def _validation_source(self, index: int) -> str:
+        sources = (*self.photos, DEAD_LEAVES)
+        return sources[index % len(sources)]
+
     def _source_of(self, index: int, rng: np.random.Generator) -> str:
         if self.split == "val":
-            sources = (*self.photos, DEAD_LEAVES)
-            return sources[index % len(sources)]
+            return self._validation_source(index)
         if rng.uniform() < self.dead_leaves_fraction:
             return DEAD_LEAVES
         return self.photos[rng.integers(len(self.photos))]
 
     def name(self, index: int) -> str:
         if self.split == "val":
-            return f"{index:04d}_{self._source_of(index, np.random.default_rng())}"
+            return f"{index:04d}_{self._validation_source(index)}"
         return f"{self.split}_{index:06d}"
 
     def _validation_rng(self, index: int) -> np.random.Generator:

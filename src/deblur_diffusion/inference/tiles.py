@@ -14,8 +14,9 @@ from collections.abc import Callable
 from itertools import product
 
 import torch
-import torch.nn.functional as F
 from rich.progress import Progress
+
+from deblur_diffusion.models.blocks import pad_bottom_right
 
 MODES = ("whole", "tiles")
 BLENDS = ("uniform", "gaussian")
@@ -86,7 +87,7 @@ class Inference:
     def tiled(self, model: Model, image: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = image.shape
         tile = self.tile_size
-        padded = _pad_to_at_least(image, tile)
+        padded = pad_bottom_right(image, max(0, tile - height), max(0, tile - width))
         boxes = list(product(tile_starts(padded.shape[-2], tile, self.stride), tile_starts(padded.shape[-1], tile, self.stride)))
         window = blend_window(tile, self.blend, image.device)
         output = None
@@ -106,12 +107,3 @@ class Inference:
                 progress.advance(task, len(chunk))
         return (output / weight)[..., :height, :width].to(image.dtype)
 
-
-def _pad_to_at_least(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Reflect-pads the bottom/right of an image smaller than a tile (replicate when too small)."""
-    pad_h = max(0, size - image.shape[-2])
-    pad_w = max(0, size - image.shape[-1])
-    if pad_h == 0 and pad_w == 0:
-        return image
-    mode = "reflect" if pad_h < image.shape[-2] and pad_w < image.shape[-1] else "replicate"
-    return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)

@@ -149,20 +149,23 @@ class Upsample(nn.Module):
         return self.body(x)
 
 
+def pad_bottom_right(x: torch.Tensor, pad_h: int, pad_w: int, mode: str = "reflect") -> torch.Tensor:
+    """Pads the bottom and right of an NCHW tensor. Reflection needs each pad to be smaller than
+    its side, so tiny inputs fall back to replicate padding."""
+    if pad_h == 0 and pad_w == 0:
+        return x
+    if mode == "reflect" and (pad_h >= x.shape[-2] or pad_w >= x.shape[-1]):
+        mode = "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
     """Pads the bottom and right of ``x`` so that H and W are multiples of ``multiple``.
 
-    Returns the padded tensor and the original (H, W) to crop back to. Reflection needs the pad to
-    be smaller than the side, so tiny inputs fall back to replicate padding.
+    Returns the padded tensor and the original (H, W) to crop back to.
     """
     height, width = x.shape[-2:]
-    pad_h = (-height) % multiple
-    pad_w = (-width) % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x, (height, width)
-    if mode == "reflect" and (pad_h >= height or pad_w >= width):
-        mode = "replicate"
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (height, width)
+    return pad_bottom_right(x, (-height) % multiple, (-width) % multiple, mode), (height, width)
 
 
 class FourLevelUNet(nn.Module):
