@@ -40,8 +40,18 @@ def measure(model: nn.Module, inputs: torch.Tensor) -> tuple[dict[str, int], int
     return per_module, counter.get_total_flops()
 
 
+def module_flops(flops_by_path: dict[str, int], path: str) -> int:
+    """FLOPs of a module; a container that is never called itself (``nn.ModuleList``) gets the sum
+    of its items."""
+    if path in flops_by_path:
+        return flops_by_path[path]
+    depth = path.count(".") + 1
+    return sum(flops for key, flops in flops_by_path.items() if key.startswith(path + ".") and key.count(".") == depth)
+
+
 def summary_table(model: nn.Module, height: int, width: int, in_channels: int, batch_size: int = 1) -> Table:
     networks = model.inference_networks()
+    in_channels = model.input_channels(in_channels)
     flops_by_path, total_flops = measure(model, torch.zeros(batch_size, in_channels, height, width, device="meta"))
     table = Table(title=f"{type(model).__name__}: parameters and MACs at {batch_size}x{in_channels}x{height}x{width}")
     table.add_column("module")
@@ -55,7 +65,7 @@ def summary_table(model: nn.Module, height: int, width: int, in_channels: int, b
         total_params += params
         table.add_row(f"[bold]{name}[/] ({type(network).__name__})", f"{params:,}", f"{flops_by_path.get(path, 0) / 2e9:.3f}")
         for child_name, child in network.named_children():
-            child_flops = flops_by_path.get(f"{path}.{child_name}", 0)
+            child_flops = module_flops(flops_by_path, f"{path}.{child_name}")
             table.add_row(f"  {child_name}", f"{count_parameters(child):,}", f"{child_flops / 2e9:.3f}")
     table.add_section()
     table.add_row("[bold]total[/]", f"[bold]{total_params:,}[/]", f"[bold]{total_flops / 2e9:.2f}[/]")

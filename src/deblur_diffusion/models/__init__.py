@@ -1,6 +1,25 @@
 """Restoration networks: plain ``nn.Module`` classes, one file per architecture."""
 
+from deblur_diffusion.models.hidiff import (
+    HIDiff,
+    HIDiffStageOneNet,
+    LatentEncoder,
+    MixerDenoiser,
+    MLPDenoiser,
+    PriorDiffusion,
+    PriorGuidedRestormer,
+)
 from deblur_diffusion.models.restormer import Restormer
 from deblur_diffusion.models.swintormer import Swintormer
 
-__all__ = ["Restormer", "Swintormer"]
+__all__ = [
+    "HIDiff",
+    "HIDiffStageOneNet",
+    "LatentEncoder",
+    "MLPDenoiser",
+    "MixerDenoiser",
+    "PriorDiffusion",
+    "PriorGuidedRestormer",
+    "Restormer",
+    "Swintormer",
+]

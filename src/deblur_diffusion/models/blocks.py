@@ -6,7 +6,7 @@ renaming (``norm1.body.weight``, ``attn.qkv_dwconv``, ``ffn.project_in``, ...).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,8 @@ from einops import rearrange
 from torch import nn
 
 
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channels of an NCHW tensor.
+class TokenLayerNorm(nn.Module):
+    """LayerNorm over the last dimension (tokens x channels), with Restormer's two variants.
 
     ``with_bias=True`` is the usual LayerNorm. ``with_bias=False`` is Restormer's "BiasFree"
     variant: it divides by the standard deviation but does not subtract the mean, so it is not
@@ -27,14 +27,18 @@ class ChannelLayerNorm(nn.Module):
         self.body = _LayerNormParams(channels, with_bias)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.permute(0, 2, 3, 1)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.body.bias is not None:
-            tokens = F.layer_norm(tokens, tokens.shape[-1:], self.body.weight, self.body.bias, self.eps)
-        else:
-            variance = tokens.var(dim=-1, keepdim=True, unbiased=False)
-            tokens = tokens * torch.rsqrt(variance + self.eps) * self.body.weight
-        return tokens.permute(0, 3, 1, 2)
+            return F.layer_norm(tokens, tokens.shape[-1:], self.body.weight, self.body.bias, self.eps)
+        variance = tokens.var(dim=-1, keepdim=True, unbiased=False)
+        return tokens * torch.rsqrt(variance + self.eps) * self.body.weight
+
+
+class ChannelLayerNorm(TokenLayerNorm):
+    """The same LayerNorm over the channels of an NCHW tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class _LayerNormParams(nn.Module):
@@ -174,7 +178,8 @@ class FourLevelUNet(nn.Module):
     Channels double and resolution halves at each level. The decoder concatenates the encoder
     features; it reduces channels with a 1x1 conv at levels 3 and 2 but keeps 2*dim at level 1, and
     a refinement stage follows at that width. Subclasses provide the stem and the head;
-    ``make_stage(width, heads, depth)`` builds the blocks of one level.
+    ``make_stage(width, heads, depth)`` builds the blocks of one level (``make_latent_stage``, when
+    given, those of the latent level).
     """
 
     LEVELS = 4
@@ -187,6 +192,7 @@ class FourLevelUNet(nn.Module):
         num_refinement_blocks: int,
         heads: Sequence[int],
         bias: bool,
+        make_latent_stage=None,
     ) -> None:
         if len(num_blocks) != self.LEVELS or len(heads) != self.LEVELS:
             raise ValueError(f"num_blocks and heads need {self.LEVELS} entries, got {list(num_blocks)} and {list(heads)}")
@@ -196,7 +202,7 @@ class FourLevelUNet(nn.Module):
         self.down2_3 = Downsample(dim * 2)
         self.encoder_level3 = make_stage(dim * 4, heads[2], num_blocks[2])
         self.down3_4 = Downsample(dim * 4)
-        self.latent = make_stage(dim * 8, heads[3], num_blocks[3])
+        self.latent = (make_latent_stage or make_stage)(dim * 8, heads[3], num_blocks[3])
 
         self.up4_3 = Upsample(dim * 8)
         self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
@@ -208,17 +214,27 @@ class FourLevelUNet(nn.Module):
         self.decoder_level1 = make_stage(dim * 2, heads[0], num_blocks[0])
         self.refinement = make_stage(dim * 2, heads[0], num_refinement_blocks)
 
-    def run_level(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Runs one level's blocks; subclasses may wrap it (activation checkpointing)."""
-        return getattr(self, name)(x)
+    def run_level(self, name: str, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Runs one level's blocks, with that level's prior when the model has one; subclasses may
+        wrap it (activation checkpointing)."""
+        level = getattr(self, name)
+        return level(x) if prior is None else level(x, prior)
 
-    def encode_decode(self, stem: torch.Tensor) -> torch.Tensor:
-        """Stem features (B, dim, h, w) to refined features (B, 2*dim, h, w)."""
-        enc1 = self.run_level("encoder_level1", stem)
-        enc2 = self.run_level("encoder_level2", self.down1_2(enc1))
-        enc3 = self.run_level("encoder_level3", self.down2_3(enc2))
-        latent = self.run_level("latent", self.down3_4(enc3))
-        dec3 = self.run_level("decoder_level3", self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], dim=1)))
-        dec2 = self.run_level("decoder_level2", self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1)))
-        dec1 = self.run_level("decoder_level1", torch.cat([self.up2_1(dec2), enc1], dim=1))
-        return self.run_level("refinement", dec1)
+    def encode_decode(self, stem: torch.Tensor, level_priors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Stem features (B, dim, h, w) to refined features (B, 2*dim, h, w).
+
+        ``level_priors`` maps level names to the prior each level receives (HI-Diff).
+        """
+        priors = level_priors or {}
+
+        def run(name: str, x: torch.Tensor) -> torch.Tensor:
+            return self.run_level(name, x, priors.get(name))
+
+        enc1 = run("encoder_level1", stem)
+        enc2 = run("encoder_level2", self.down1_2(enc1))
+        enc3 = run("encoder_level3", self.down2_3(enc2))
+        latent = run("latent", self.down3_4(enc3))
+        dec3 = run("decoder_level3", self.reduce_chan_level3(torch.cat([self.up4_3(latent), enc3], dim=1)))
+        dec2 = run("decoder_level2", self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1)))
+        dec1 = run("decoder_level1", torch.cat([self.up2_1(dec2), enc1], dim=1))
+        return run("refinement", dec1)

@@ -298,10 +298,10 @@ class Swintormer(FourLevelUNet):
             nn.Conv2d(dim * 2, IMAGE_CHANNELS * 4, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
         )
 
-    def run_level(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    def run_level(self, name: str, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         if name in self.checkpoint_levels and self.training and torch.is_grad_enabled():
             return checkpoint(getattr(self, name), x, use_reentrant=False)
-        return super().run_level(name, x)
+        return super().run_level(name, x, prior)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.inp_channels:

@@ -1,5 +1,6 @@
 """LightningModules, one per training stage."""
 
+from deblur_diffusion.stages.hidiff import HIDiffStageOne, HIDiffStageTwo
 from deblur_diffusion.stages.regression import RegressionStage
 
-__all__ = ["RegressionStage"]
+__all__ = ["HIDiffStageOne", "HIDiffStageTwo", "RegressionStage"]

@@ -91,20 +91,38 @@ class RegressionStage(L.LightningModule):
         """The networks that run at inference, by name (for ``summary``)."""
         return {"net": self.inference_net}
 
+    def input_channels(self, image_channels: int) -> int:
+        """Channels of the network's input for data with ``image_channels`` (for ``summary``)."""
+        return image_channels
+
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
         """Restores a batch with the inference weights, whole or tiled as configured."""
         return self.inference(self.inference_net, lq)
 
+    def restore(self, batch: dict) -> torch.Tensor:
+        """The restored images of a validation or test batch."""
+        return self(batch["lq"])
+
+    def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The named terms of the training loss (summed for the backward pass, logged each)."""
+        return {"loss": self.loss(self.net(batch["lq"]), batch["gt"])}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        prediction = self.net(batch["lq"])
-        loss = self.loss(prediction, batch["gt"])
+        terms = self.training_losses(batch)
+        loss = sum(terms.values())
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at step {self.global_step} on images {list(batch['name'])}; "
                 "the checkpoints saved so far are intact. Lower the learning rate, enable gradient clipping "
                 "or check these images."
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["lq"].shape[0])
+        batch_size = batch["lq"].shape[0]
+        if len(terms) > 1:
+            self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -112,7 +130,7 @@ class RegressionStage(L.LightningModule):
             self.ema.update(self.net, step=self.global_step)
 
     def _evaluate(self, batch: dict, metrics: MetricCollection, input_metrics: MetricCollection) -> dict:
-        restored = self(batch["lq"]).clamp(0.0, 1.0)
+        restored = self.restore(batch).clamp(0.0, 1.0)
         metrics.update(restored, batch["gt"])
         input_metrics.update(batch["lq"][:, :IMAGE_CHANNELS], batch["gt"])
         batch_size = batch["lq"].shape[0]
@@ -127,7 +145,7 @@ class RegressionStage(L.LightningModule):
         return self._evaluate(batch, self.test_metrics, self.test_input_metrics)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.net.parameters())
+        optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

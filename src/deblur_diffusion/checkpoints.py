@@ -1,0 +1,94 @@
+"""Reading weights from this project's Lightning checkpoints and from the official ``.pth`` files.
+
+Everything is read with ``torch.load(..., weights_only=True)``. Errors name the file and the keys
+that do not fit, instead of a shape error from inside ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deblur_diffusion.errors import DeblurError
+
+# Where the official BasicSR-style files keep their weights, most preferred first.
+OFFICIAL_PARAM_KEYS = ("params_ema", "params")
+MAX_LISTED_KEYS = 8
+
+
+class CheckpointError(DeblurError):
+    """A checkpoint is missing, unreadable or does not fit the model."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The whole checkpoint dictionary (weights only, no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a dictionary of weights")
+    return checkpoint
+
+
+def official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of an official release file (``{'params': ...}`` or ``{'params_ema': ...}``, or
+    a bare state dict)."""
+    checkpoint = read_checkpoint(path)
+    for key in OFFICIAL_PARAM_KEYS:
+        if key in checkpoint:
+            return checkpoint[key]
+    if all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        return checkpoint
+    raise CheckpointError(f"{path} has none of the keys {OFFICIAL_PARAM_KEYS} and is not a plain state dict")
+
+
+def lightning_weights(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The weights under ``prefix`` (e.g. ``net.transformer``) in a Lightning checkpoint of this
+    project, taken from the EMA copy (``ema.module.``) when the run kept one."""
+    checkpoint = read_checkpoint(path)
+    if "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    state = checkpoint["state_dict"]
+    for candidate in (prefix.replace("net.", "ema.module.", 1), prefix):
+        selected = {key[len(candidate) + 1 :]: value for key, value in state.items() if key.startswith(candidate + ".")}
+        if selected:
+            return selected
+    raise CheckpointError(f"{path} has no weights under '{prefix}' (it holds {_listing(state)})")
+
+
+def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Loads ``state`` into ``module`` strictly; mismatches are reported by key, naming ``source``."""
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shape = [
+        f"{key} {tuple(state[key].shape)} (model: {tuple(expected[key].shape)})"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        problems = []
+        if missing:
+            problems.append(f"missing {_listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {_listing(unexpected)}")
+        if wrong_shape:
+            problems.append(f"wrong shape {_listing(wrong_shape)}")
+        raise CheckpointError(
+            f"{source} does not fit {type(module).__name__}: " + "; ".join(problems)
+            + ". Is it the same architecture and configuration?"
+        )
+    module.load_state_dict(state)
+
+
+def _listing(keys) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    return f"{len(keys)} keys: {shown}" + (", ..." if len(keys) > MAX_LISTED_KEYS else "")
