@@ -61,3 +61,37 @@ def test_charbonnier_matches_its_formula():
     prediction, target = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
     expected = torch.sqrt((prediction - target) ** 2 + 1e-6).mean()
     torch.testing.assert_close(CharbonnierLoss(eps=1e-3)(prediction, target), expected)
+
+
+@pytest.mark.parametrize("dataset", ["gopro", "realblur_j", "realblur_r"])
+def test_hidiff_presets_hold_the_official_recipes(tmp_path, dataset):
+    first = compose_train(tmp_path, f"experiment=hidiff_{dataset}_s1")
+    second = compose_train(tmp_path, f"experiment=hidiff_{dataset}_s2", "model.stage1_ckpt=s1.ckpt")
+    for cfg in (first, second):
+        assert [list(phase) for phase in cfg.data.patch_schedule] == [
+            [0, 128, 16], [20000, 160, 10], [40000, 192, 8], [60000, 256, 4], [80000, 320, 2], [100000, 384, 2]
+        ]
+        assert cfg.model.optimizer.lr == 2e-4 and cfg.model.grad_clip_norm == 0.01 and cfg.trainer.max_steps == 300000
+        assert cfg.model.net.transformer.ffn_expansion_factor == (2.66 if dataset == "gopro" else 2)
+    diffusion = second.model.net.diffusion
+    if dataset == "gopro":
+        assert (diffusion.timesteps, diffusion.prediction, second.model.net.denoiser.block_num) == (8, "eps", 4)
+    else:
+        assert (diffusion.timesteps, diffusion.prediction, diffusion.clip_x0) == (16, "x0", False)
+        assert second.model.net.denoiser._target_.endswith("MLPDenoiser")
+        assert second.model.latent_encoder.activation == "lrelu" and first.model.net.latent_encoder.block_num == 5
+
+
+def test_hidiff_ablation_presets_differ_only_where_the_paper_says(tmp_path):
+    def compose(name):
+        overrides = ["model.stage1_ckpt=s1.ckpt"] if name.endswith("s2") else []
+        return compose_train(tmp_path, f"experiment=hidiff_ablation_{name}", *overrides)
+
+    hidiff, single, split, baseline = compose("s2"), compose("single_guide_s2"), compose("split_s2"), compose("baseline")
+    for cfg in (hidiff, single, split, baseline, compose("s1"), compose("single_guide_s1")):
+        assert [list(phase) for phase in cfg.data.patch_schedule] == [[0, 192, 8]]
+        assert cfg.model.scheduler.eta_mins == [1e-6]
+    assert hidiff.model.net.transformer.multi_scale_prior and not single.model.net.transformer.multi_scale_prior
+    assert hidiff.model.joint_training and not split.model.joint_training
+    assert baseline.model.net._target_.endswith("Restormer") and list(baseline.model.net.num_blocks) == [3, 5, 6, 6]
+    assert baseline.trainer.max_steps == 2 * hidiff.trainer.max_steps
