@@ -42,6 +42,16 @@ def blend_window(tile: int, blend: str, device: torch.device) -> torch.Tensor:
     return profile[:, None] * profile[None, :]
 
 
+def _dihedral(image: torch.Tensor, transpose: bool, flip_h: bool, flip_w: bool, inverse: bool = False) -> torch.Tensor:
+    """One of the 8 flips and transposes of an NCHW tensor, or its inverse."""
+    flips = [dim for dim, flip in ((-2, flip_h), (-1, flip_w)) if flip]
+    if inverse:
+        image = image.flip(flips) if flips else image
+        return image.transpose(-2, -1) if transpose else image
+    image = image.transpose(-2, -1) if transpose else image
+    return image.flip(flips) if flips else image
+
+
 class Inference:
     """Runs a model on whole images or on overlapping tiles (``mode``).
 
@@ -51,6 +61,7 @@ class Inference:
         tile_batch_size: tiles per model call; bounds the memory.
         blend: ``"uniform"`` averaging or ``"gaussian"`` weighting of overlaps.
         progress: show a progress bar when an image has at least ``progress_min_tiles`` tiles.
+        self_ensemble: average the outputs over the 8 flips and transposes of the input (x8 time).
     """
 
     def __init__(
@@ -62,6 +73,7 @@ class Inference:
         blend: str = "uniform",
         progress: bool = False,
         progress_min_tiles: int = 32,
+        self_ensemble: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"inference.mode must be one of {MODES}, got {mode!r}")
@@ -78,8 +90,19 @@ class Inference:
         self.blend = blend
         self.progress = progress
         self.progress_min_tiles = progress_min_tiles
+        self.self_ensemble = self_ensemble
 
     def __call__(self, model: Model, image: torch.Tensor) -> torch.Tensor:
+        if not self.self_ensemble:
+            return self.run(model, image)
+        total = None
+        for transpose, flip_h, flip_w in product((False, True), repeat=3):
+            restored = _dihedral(self.run(model, _dihedral(image, transpose, flip_h, flip_w)), transpose, flip_h, flip_w, inverse=True)
+            total = restored.double() if total is None else total + restored.double()
+        return (total / 8).to(image.dtype)
+
+    def run(self, model: Model, image: torch.Tensor) -> torch.Tensor:
+        """One pass, whole or tiled, without the ensemble."""
         if self.mode == "whole":
             return model(image)
         return self.tiled(model, image)

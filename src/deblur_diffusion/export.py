@@ -1,0 +1,49 @@
+"""Exports a network's weights: ``python -m deblur_diffusion.export ckpt=... out=DIR``.
+
+``DIR/model.safetensors`` holds the inference weights (the EMA when the run kept one) and
+``DIR/config.yaml`` the network's config, its inference settings and where it came from;
+``deblur_diffusion.load_pretrained(DIR)`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from safetensors.torch import save_model
+
+from deblur_diffusion.cli import config_dir, report_errors, require_complete
+from deblur_diffusion.pretrained import EXPORT_CONFIG, EXPORT_WEIGHTS, load_network
+
+
+def export(weights, out: str | Path, net_config: Mapping | None = None, inference_config: Mapping | None = None) -> Path:
+    """Writes the export folder ``out`` for ``weights`` (see :func:`deblur_diffusion.pretrained.load_network`)."""
+    loaded = load_network(weights, net_config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(loaded.net, str(out / EXPORT_WEIGHTS))
+    record = {
+        "net": loaded.net_config,
+        "inference": dict(inference_config or loaded.inference_config),
+        "source": loaded.source,
+    }
+    OmegaConf.save(OmegaConf.create(record), out / EXPORT_CONFIG)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    require_complete(cfg)
+    weights = OmegaConf.to_container(cfg.ckpt, resolve=True) if isinstance(cfg.ckpt, DictConfig) else cfg.ckpt
+    net_config = OmegaConf.to_container(cfg.model.net, resolve=True) if cfg.get("model") else None
+    inference = OmegaConf.to_container(cfg.inference, resolve=True) if net_config else None
+    out = export(weights, cfg.out, net_config, inference)
+    Console().print(f"Exported {out / EXPORT_WEIGHTS} and {out / EXPORT_CONFIG}", highlight=False)
+
+
+if __name__ == "__main__":
+    main()
