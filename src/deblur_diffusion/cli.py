@@ -28,9 +28,10 @@ def config_dir() -> str:
     return str(candidate)
 
 
-def require_complete(cfg: DictConfig) -> None:
-    """Raises ConfigError naming every mandatory value (``???``) left unset."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+def require_complete(cfg: DictConfig, unused: tuple[str, ...] = ()) -> None:
+    """Raises ConfigError naming every mandatory value (``???``) left unset, except under the
+    ``unused`` key prefixes (parts of the config the entry point does not read)."""
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith(unused))
     if missing:
         raise ConfigError(
             "missing required config value(s): " + ", ".join(missing) + ". Set them on the command line, e.g. "

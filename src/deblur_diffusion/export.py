@@ -16,7 +16,7 @@ from rich.console import Console
 from safetensors.torch import save_model
 
 from deblur_diffusion.cli import config_dir, report_errors, require_complete
-from deblur_diffusion.pretrained import EXPORT_CONFIG, EXPORT_WEIGHTS, load_network
+from deblur_diffusion.pretrained import EXPORT_CONFIG, EXPORT_WEIGHTS, load_network, weights_and_architecture
 
 
 def export(weights, out: str | Path, net_config: Mapping | None = None, inference_config: Mapping | None = None) -> Path:
@@ -37,9 +37,8 @@ def export(weights, out: str | Path, net_config: Mapping | None = None, inferenc
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
 @report_errors
 def main(cfg: DictConfig) -> None:
-    require_complete(cfg)
-    weights = OmegaConf.to_container(cfg.ckpt, resolve=True) if isinstance(cfg.ckpt, DictConfig) else cfg.ckpt
-    net_config = OmegaConf.to_container(cfg.model.net, resolve=True) if cfg.get("model") else None
+    require_complete(cfg, unused=("data.", "model."))
+    weights, net_config = weights_and_architecture(cfg)
     inference = OmegaConf.to_container(cfg.inference, resolve=True) if net_config else None
     out = export(weights, cfg.out, net_config, inference)
     Console().print(f"Exported {out / EXPORT_WEIGHTS} and {out / EXPORT_CONFIG}", highlight=False)

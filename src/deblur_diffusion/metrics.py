@@ -63,8 +63,11 @@ def _gaussian_window(device: torch.device) -> torch.Tensor:
     return profile / profile.sum()
 
 
-def ssim_map(restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The SSIM of every window fully inside the image: (B, C, H - 10, W - 10)."""
+def ssim_map(restored: torch.Tensor, target: torch.Tensor, sample_covariance: bool = False) -> torch.Tensor:
+    """The SSIM of every window fully inside the image: (B, C, H - 10, W - 10).
+
+    ``sample_covariance=True`` rescales the (co)variances by N / (N - 1), N = 121 window pixels,
+    as scikit-image does by default; the papers' SSIM (Wang et al., MATLAB) does not."""
     x, y = restored.double(), target.double()
     channels = x.shape[1]
     profile = _gaussian_window(x.device)
@@ -78,17 +81,22 @@ def ssim_map(restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     var_x = blur(x * x) - mu_x**2
     var_y = blur(y * y) - mu_y**2
     covariance = blur(x * y) - mu_x * mu_y
+    if sample_covariance:
+        pixels = (2 * SSIM_RADIUS + 1) ** 2
+        var_x, var_y, covariance = (v * pixels / (pixels - 1) for v in (var_x, var_y, covariance))
     numerator = (2 * mu_x * mu_y + SSIM_C1) * (2 * covariance + SSIM_C2)
     denominator = (mu_x**2 + mu_y**2 + SSIM_C1) * (var_x + var_y + SSIM_C2)
     return numerator / denominator
 
 
-def ssim(restored: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def ssim(
+    restored: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, sample_covariance: bool = False
+) -> torch.Tensor:
     """Per-image SSIM; with ``mask`` (B, C, H, W), a masked mean per channel, then over channels
     (the RealBlur protocol)."""
     if min(restored.shape[-2:]) <= 2 * SSIM_RADIUS:
         raise ValueError(f"SSIM needs images larger than {2 * SSIM_RADIUS + 1} px, got {tuple(restored.shape[-2:])}")
-    values = ssim_map(restored, target)
+    values = ssim_map(restored, target, sample_covariance)
     if mask is None:
         return values.flatten(1).mean(dim=1)
     r = SSIM_RADIUS

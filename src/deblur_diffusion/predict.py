@@ -56,7 +56,7 @@ def restore_file(restorer: Restorer, tiled: Restorer, path: Path, output: Path, 
 
 def predict(cfg: DictConfig) -> tuple[list[Path], dict[Path, str]]:
     """Restores ``cfg.input`` into ``cfg.output``; returns the files written and the failures."""
-    require_complete(cfg)
+    require_complete(cfg, unused=("data.", "model."))
     source, output = Path(cfg.input), Path(cfg.output)
     files = input_files(source)
     check_output(source, output)

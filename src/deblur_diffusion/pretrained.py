@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from deblur_diffusion.checkpoints import CheckpointError, load_weights, official_state_dict, read_checkpoint
+from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.models.hidiff import HIDiffStageOneNet
 
@@ -195,13 +196,21 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def weights_and_architecture(cfg: DictConfig) -> tuple[str | dict, dict | None]:
+    """``cfg.ckpt`` and, when a model config was given (for official files), its network config."""
+    weights = OmegaConf.to_container(cfg.ckpt, resolve=True) if isinstance(cfg.ckpt, DictConfig) else cfg.ckpt
+    if not cfg.get("model"):
+        return weights, None
+    missing = sorted(OmegaConf.missing_keys(cfg.model.net))
+    if missing:
+        raise ConfigError("missing required config value(s): " + ", ".join(f"model.net.{key}" for key in missing))
+    return weights, OmegaConf.to_container(cfg.model.net, resolve=True)
+
+
 def restorer_from_config(cfg: DictConfig) -> Restorer:
     """The entry points' model: ``cfg.ckpt`` (with ``cfg.model`` for official files), ``cfg.inference``,
     ``cfg.device`` and, for diffusion models, ``cfg.seed`` as the starting-noise seed."""
-    weights = cfg.ckpt
-    if isinstance(weights, Mapping):
-        weights = OmegaConf.to_container(weights, resolve=True)
-    net_config = OmegaConf.to_container(cfg.model.net, resolve=True) if cfg.get("model") else None
+    weights, net_config = weights_and_architecture(cfg)
     loaded = load_network(weights, net_config)
     if cfg.get("seed") is not None and hasattr(loaded.net, "noise_seed"):
         loaded.net.noise_seed = int(cfg.seed)

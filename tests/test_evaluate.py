@@ -1,0 +1,273 @@
+"""Metrics and protocols, the loaders of every checkpoint kind, and the evaluate / predict / export CLIs."""
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from conftest import run_cli
+from deblur_diffusion import load_pretrained
+from deblur_diffusion.checkpoints import CheckpointError
+from deblur_diffusion.data.io import read_image_raw, write_image
+from deblur_diffusion.export import export
+from deblur_diffusion.inference import Inference
+from deblur_diffusion.metrics import DPDD_INDOOR_INDICES, LPIPS, LPIPSUnavailable, align_realblur, psnr, ssim
+from deblur_diffusion.models import Restormer
+from deblur_diffusion.pretrained import load_network
+
+TINY_RESTORMER_KWARGS = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1])
+TINY_RESTORMER_OVERRIDES = [
+    "model=restormer",
+    "model.net.dim=8",
+    "model.net.num_blocks=[1,1,1,1]",
+    "model.net.num_refinement_blocks=1",
+    "model.net.heads=[1,1,1,1]",
+]
+
+
+def nchw(image):
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+
+
+def real_pair():
+    sharp = skdata.astronaut()[100:228, 150:278].astype(np.float32) / 255
+    blurry = cv2.GaussianBlur(sharp, (7, 7), 2.0)
+    return blurry, sharp
+
+
+@pytest.mark.parametrize("kind", ["random", "real"])
+def test_psnr_and_ssim_agree_with_scikit_image(kind, rng):
+    if kind == "random":
+        target = rng.random((40, 57, 3)).astype(np.float32)
+        restored = np.clip(target + rng.normal(0, 0.08, target.shape), 0, 1).astype(np.float32)
+    else:
+        restored, target = real_pair()
+    for sample_covariance in (False, True):
+        expected_ssim = structural_similarity(
+            target, restored, channel_axis=2, gaussian_weights=True, sigma=1.5, data_range=1.0, use_sample_covariance=sample_covariance
+        )
+        assert ssim(nchw(restored), nchw(target), sample_covariance=sample_covariance).item() == pytest.approx(expected_ssim, abs=1e-4)
+    assert psnr(nchw(restored), nchw(target)).item() == pytest.approx(peak_signal_noise_ratio(target, restored, data_range=1.0), abs=1e-4)
+
+
+def test_masked_metrics_follow_the_realblur_formulas(rng):
+    restored, target = real_pair()
+    mask = np.ones_like(target)
+    mask[:, :9] = 0
+    error = np.sum((target * mask - restored * mask) ** 2, dtype=np.float64) / mask.sum()
+    assert psnr(nchw(restored * mask), nchw(target * mask), nchw(mask)).item() == pytest.approx(10 * np.log10(1 / error), abs=1e-6)
+    _, full = structural_similarity(
+        target * mask, restored * mask, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        data_range=1.0, full=True,
+    )
+    inner, inner_mask = (full * mask)[5:-5, 5:-5], mask[5:-5, 5:-5]
+    expected = np.mean(inner.sum(axis=(0, 1)) / inner_mask.sum(axis=(0, 1)))
+    assert ssim(nchw(restored * mask), nchw(target * mask), nchw(mask)).item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_realblur_alignment_recovers_a_small_shift():
+    target = skdata.astronaut()[80:240, 120:280].astype(np.float32) / 255
+    shift = np.float32([[1, 0, 2.0], [0, 1, -1.0]])
+    shifted = cv2.warpAffine(target, shift, (target.shape[1], target.shape[0]), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    before = psnr(nchw(shifted), nchw(target)).item()
+    aligned, masked_target, mask = align_realblur(shifted, target)
+    after = psnr(nchw(aligned), nchw(masked_target), nchw(mask)).item()
+    assert after > before + 10, (before, after)
+    assert 0.9 < mask.mean() < 1.0
+
+
+def test_lpips_without_its_backbone_says_which_file_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(LPIPSUnavailable, match=r"alexnet-owt-7be5be79\.pth"):
+        LPIPS()(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+
+
+def test_self_ensemble_averages_the_eight_flips_and_transposes():
+    image = torch.rand(1, 3, 6, 6)
+    ramp = torch.arange(36, dtype=torch.float32).view(1, 1, 6, 6)
+
+    def position_dependent(x):
+        return x * ramp
+
+    expected = torch.zeros_like(image)
+    array = image[0].numpy()
+    for transposed in (False, True):
+        for k in range(4):
+            view = np.rot90(array.transpose(0, 2, 1) if transposed else array, k, axes=(1, 2))
+            out = np.rot90(view * ramp[0].numpy(), -k, axes=(1, 2))
+            expected += torch.from_numpy(np.ascontiguousarray(out.transpose(0, 2, 1) if transposed else out))[None] / 8
+    torch.testing.assert_close(Inference(self_ensemble=True)(position_dependent, image), expected)
+    identity = Inference(mode="tiles", tile_size=4, stride=3, self_ensemble=True)(lambda x: x, image)
+    torch.testing.assert_close(identity, image)
+
+
+@pytest.mark.parametrize(
+    "name, builder",
+    [("restormer", "restormer"), ("restormer_dual_pixel", "restormer"), ("swintormer", "swintormer")],
+)
+def test_official_files_load_through_the_user_path(parity_dir, name, builder):
+    folder = parity_dir / name
+    net_config = {"_target_": f"deblur_diffusion.models.{builder.capitalize()}", **json.loads((folder / "config.json").read_text())["kwargs"]}
+    lq = torch.load(folder / "inputs.pt", weights_only=True)["lq"]
+    expected = torch.load(folder / "outputs.pt", weights_only=True)["out"]
+    loaded = load_network(folder / "net_g.pth", net_config)
+    with torch.no_grad():
+        assert (loaded.net.eval()(lq) - expected).abs().max().item() < 1e-5
+    restored = load_pretrained(folder / "net_g.pth", net_config).restore(lq)
+    assert (restored - expected.clamp(0, 1)).abs().max().item() < 1e-5
+
+
+def test_official_hidiff_files_load_as_parts(parity_dir):
+    folder = parity_dir / "hidiff"
+    kwargs = json.loads((folder / "config.json").read_text())["kwargs"]
+    net_config = {
+        "_target_": "deblur_diffusion.models.HIDiff",
+        "transformer": {"_target_": "deblur_diffusion.models.PriorGuidedRestormer", **kwargs["net_g"]},
+        "condition_encoder": {"_target_": "deblur_diffusion.models.LatentEncoder", **kwargs["net_le_dm"]},
+        "denoiser": {"_target_": "deblur_diffusion.models.MixerDenoiser", **kwargs["net_d"]},
+        "diffusion": {"_target_": "deblur_diffusion.models.PriorDiffusion", "timesteps": 8},
+    }
+    files = {part: str(folder / f"{name}.pth") for part, name in
+             (("transformer", "net_g"), ("condition_encoder", "net_le_dm"), ("denoiser", "net_d"))}
+    net = load_network(files, net_config).net.eval()
+    inputs, outputs = (torch.load(folder / f"{n}.pt", weights_only=True) for n in ("inputs", "outputs"))
+    with torch.no_grad():
+        assert (net(inputs["lq"], net.sample_prior(inputs["lq"], inputs["noise"])) - outputs["out_stage2"]).abs().max() < 1e-5
+
+
+def test_a_file_of_another_architecture_is_named_by_its_keys(parity_dir):
+    config = {"_target_": "deblur_diffusion.models.Restormer", **TINY_RESTORMER_KWARGS}
+    with pytest.raises(CheckpointError, match=r"net_g\.pth does not fit Restormer: missing .* keys: .*unexpected"):
+        load_network(parity_dir / "swintormer" / "net_g.pth", config)
+    with pytest.raises(CheckpointError, match="carry no architecture"):
+        load_network(parity_dir / "restormer" / "net_g.pth")
+
+
+def tiny_official_file(tmp_path):
+    torch.manual_seed(0)
+    net = Restormer(**TINY_RESTORMER_KWARGS)
+    torch.save({"params": net.state_dict()}, tmp_path / "tiny.pth")
+    return net.eval(), tmp_path / "tiny.pth"
+
+
+def test_export_round_trip_and_the_python_api(tmp_path):
+    net, path = tiny_official_file(tmp_path)
+    folder = export(path, tmp_path / "export", {"_target_": "deblur_diffusion.models.Restormer", **TINY_RESTORMER_KWARGS})
+    assert (folder / "model.safetensors").is_file()
+    restorer = load_pretrained(folder)
+    image = torch.rand(3, 20, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(restorer.restore(image), net(image[None])[0].clamp(0, 1))
+    sixteen = (np.random.default_rng(0).random((20, 28, 3)) * 65535).astype(np.uint16)
+    assert restorer.restore_image(sixteen).dtype == np.uint16
+    picture = restorer.restore_image(Image.fromarray((np.random.default_rng(1).random((20, 28, 3)) * 255).astype(np.uint8)))
+    assert isinstance(picture, Image.Image) and picture.size == (28, 20)
+
+
+def write_dpdd(root, scenes=76, size=24):
+    rng = np.random.default_rng(0)
+    for index in range(scenes):
+        sharp = rng.random((size, size, 3)).astype(np.float32)
+        blurry = cv2.GaussianBlur(sharp, (5, 5), 1.0)
+        write_image(root / "test_c" / "target" / f"{index:03d}.png", sharp, 16)
+        for view in ("c", "l", "r"):
+            write_image(root / f"test_{view}" / "source" / f"{index:03d}.png", blurry, 16)
+
+
+def test_evaluate_reports_dpdd_indoor_outdoor_and_combined(tmp_path):
+    _, path = tiny_official_file(tmp_path)
+    write_dpdd(tmp_path / "DPDD")
+    result = run_cli(
+        "evaluate", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, "data=dpdd", f"paths.data_dir={tmp_path}", "lpips=false",
+        f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["protocol"] == "dpdd"
+    assert {g: v["images"] for g, v in summary["summary"].items()} == {"indoor": 37, "outdoor": 39, "combined": 76}
+    with open(tmp_path / "eval" / "per_image.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [i for i, row in enumerate(rows) if row["group"] == "indoor"] == sorted(DPDD_INDOOR_INDICES)
+    indoor = np.mean([float(r["psnr"]) for r in rows if r["group"] == "indoor"])
+    assert summary["summary"]["indoor"]["psnr"] == pytest.approx(indoor)
+    assert "indoor" in result.stdout and "combined" in result.stdout
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_evaluate_on_a_synthesized_folder_scores_like_scikit_image(tmp_path, bit_depth):
+    _, path = tiny_official_file(tmp_path)
+    assert run_cli("data.synthesize", f"out={tmp_path}/GoPro", "train_pairs=1", "test_pairs=3", "image_size=32",
+                   f"bit_depth={bit_depth}", cwd=tmp_path).returncode == 0
+    result = run_cli(
+        "evaluate", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, "data=gopro", f"paths.data_dir={tmp_path}", "save_images=true",
+        "inference=tiles", "inference.tile_size=16", "inference.stride=12", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LPIPS not reported" in result.stdout or "lpips" in (tmp_path / "eval" / "per_image.csv").read_text()
+    with open(tmp_path / "eval" / "per_image.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3
+    for row in rows:
+        saved = read_image_raw(tmp_path / "eval" / "images" / f"{row['name']}.png")
+        assert saved.dtype == (np.uint16 if bit_depth == 16 else np.uint8)
+        scale = 65535.0 if bit_depth == 16 else 255.0
+        target = read_image_raw(tmp_path / "GoPro" / "test" / "target" / f"{row['name']}.png") / scale
+        assert float(row["psnr"]) == pytest.approx(peak_signal_noise_ratio(target, saved / scale, data_range=1.0), abs=1e-4)
+        expected_ssim = structural_similarity(
+            target, saved / scale, channel_axis=2, gaussian_weights=True, sigma=1.5, data_range=1.0, use_sample_covariance=False
+        )
+        assert float(row["ssim"]) == pytest.approx(expected_ssim, abs=1e-4)
+
+
+def test_evaluate_without_a_test_split_says_so(tmp_path):
+    _, path = tiny_official_file(tmp_path)
+    result = run_cli("evaluate", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert result.returncode == 1 and "split=val" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_keeps_names_and_bit_depth_and_reports_a_corrupt_file(tmp_path):
+    _, path = tiny_official_file(tmp_path)
+    inputs = tmp_path / "in"
+    rng = np.random.default_rng(0)
+    write_image(inputs / "eight.png", rng.random((20, 30, 3)), 8)
+    write_image(inputs / "sixteen.png", rng.random((70, 50, 3)), 16)
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = run_cli(
+        "predict", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, f"input={inputs}", f"output={tmp_path}/out",
+        "tile_above_pixels=2000", "inference.tile_size=32", "inference.stride=24", cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "broken.png" in result.stdout and "Restored 2 of 3" in result.stdout
+    assert read_image_raw(tmp_path / "out" / "eight.png").dtype == np.uint8
+    sixteen = read_image_raw(tmp_path / "out" / "sixteen.png")
+    assert sixteen.dtype == np.uint16 and sixteen.shape == (70, 50, 3)
+    assert sorted(p.name for p in inputs.iterdir()) == ["broken.png", "eight.png", "sixteen.png"]
+
+
+def test_predict_refuses_to_write_into_the_input_folder(tmp_path):
+    _, path = tiny_official_file(tmp_path)
+    write_image(tmp_path / "in" / "a.png", np.zeros((16, 16, 3)), 8)
+    result = run_cli("predict", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, f"input={tmp_path}/in", f"output={tmp_path}/in/restored", cwd=tmp_path)
+    assert result.returncode == 1 and "inside the input folder" in result.stderr
+    assert not (tmp_path / "in" / "restored").exists()
+
+
+def test_training_checkpoint_exports_and_predicts(tmp_path):
+    from conftest import FAST_TRAINER, TINY_RESTORMER, TINY_SYNTHETIC
+
+    trained = run_cli("train", *TINY_RESTORMER, *TINY_SYNTHETIC, *FAST_TRAINER, "model.ema_decay=0.9", "test=false",
+                      f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("step*.ckpt"))
+    exported = run_cli("export", f"ckpt={ckpt}", f"out={tmp_path}/export", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    from_ckpt, from_export = load_network(ckpt).net, load_network(tmp_path / "export").net
+    for key, value in from_export.state_dict().items():
+        assert torch.equal(value, state[f"ema.module.{key}"]) and torch.equal(value, from_ckpt.state_dict()[key])
