@@ -6,7 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from skimage.metrics import peak_signal_noise_ratio
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from deblur_diffusion.data import DeblurDataModule, SyntheticPairs
 from deblur_diffusion.loggers import resolve_wandb_mode
@@ -92,20 +92,26 @@ def test_non_finite_loss_stops_with_the_step_and_images():
         fit(stage, steps=2)
 
 
-def test_validation_psnr_is_the_mean_of_per_image_psnr():
+def test_validation_psnr_and_ssim_are_means_of_per_image_values():
     stage = RegressionStage(tiny_net(), torch.nn.L1Loss(), functools.partial(torch.optim.AdamW, lr=1e-3)).eval()
     data = tiny_data()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.validate(stage, datamodule=data, verbose=False)[0]
-    expected_restored, expected_input = [], []
+    expected_restored, expected_input, expected_ssim = [], [], []
     for batch in data.val_dataloader():
         with torch.no_grad():
             restored = stage(batch["lq"]).clamp(0, 1)[0].numpy()
         gt = batch["gt"][0].numpy()
         expected_restored.append(peak_signal_noise_ratio(gt, restored, data_range=1.0))
         expected_input.append(peak_signal_noise_ratio(gt, batch["lq"][0].numpy(), data_range=1.0))
+        expected_ssim.append(
+            structural_similarity(
+                gt, restored, channel_axis=0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+            )
+        )
     assert metrics["val/psnr"] == pytest.approx(np.mean(expected_restored), abs=1e-4)
     assert metrics["val/psnr_input"] == pytest.approx(np.mean(expected_input), abs=1e-4)
+    assert metrics["val/ssim"] == pytest.approx(np.mean(expected_ssim), abs=1e-4)
 
 
 def test_wandb_mode_is_online_only_with_credentials(tmp_path, monkeypatch):

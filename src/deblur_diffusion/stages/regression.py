@@ -14,11 +14,12 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.optim import Optimizer
-from torchmetrics import MetricCollection
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.image import PeakSignalNoiseRatio
 
 from deblur_diffusion.errors import DeblurError
 from deblur_diffusion.inference import Inference
+from deblur_diffusion.metrics import ssim
 
 IMAGE_CHANNELS = 3
 
@@ -27,12 +28,20 @@ class NonFiniteLossError(DeblurError):
     """The training loss became NaN or infinite."""
 
 
+class MeanSSIM(MeanMetric):
+    """The mean per-image SSIM of :func:`deblur_diffusion.metrics.ssim` (the definition ``evaluate``
+    reports), accumulated across batches and devices."""
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        super().update(ssim(preds, target))
+
+
 def image_metrics(prefix: str, postfix: str = "") -> MetricCollection:
     """Per-image PSNR and SSIM on [0, 1] images, averaged over images (the papers' protocol)."""
     return MetricCollection(
         {
             "psnr": PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)),
-            "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
+            "ssim": MeanSSIM(),
         },
         prefix=prefix,
         postfix=postfix,
