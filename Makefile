@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup quickstart train summary synthesize test lock clean
+.PHONY: setup quickstart train summary evaluate predict synthesize test lock clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,12 @@ train: setup  ## python -m deblur_diffusion.train with ARGS as Hydra overrides
 
 summary: setup  ## parameters and GMACs of a model config
 	$(BIN)/python -m deblur_diffusion.summary $(ARGS)
+
+evaluate: setup  ## metrics with the papers' protocols: make evaluate ARGS="ckpt=... data=..."
+	$(BIN)/python -m deblur_diffusion.evaluate $(ARGS)
+
+predict: setup  ## restore images: make predict ARGS="ckpt=... input=... output=..."
+	$(BIN)/python -m deblur_diffusion.predict $(ARGS)
 
 synthesize: setup  ## write synthetic pairs to disk: make synthesize ARGS="out=/tmp/synthetic"
 	$(BIN)/python -m deblur_diffusion.data.synthesize $(ARGS)
