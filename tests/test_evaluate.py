@@ -234,9 +234,12 @@ def test_evaluate_without_a_test_split_says_so(tmp_path):
 def test_predict_keeps_names_and_bit_depth_and_reports_a_corrupt_file(tmp_path):
     _, path = tiny_official_file(tmp_path)
     inputs = tmp_path / "in"
-    rng = np.random.default_rng(0)
-    write_image(inputs / "eight.png", rng.random((20, 30, 3)), 8)
-    write_image(inputs / "sixteen.png", rng.random((70, 50, 3)), 16)
+    inputs.mkdir()
+    for bit_depth, size in ((8, 24), (16, 72)):
+        written = run_cli("data.synthesize", f"out={tmp_path}/syn{bit_depth}", "train_pairs=0", "test_pairs=1",
+                          f"image_size={size}", f"bit_depth={bit_depth}", cwd=tmp_path)
+        assert written.returncode == 0, written.stderr[-2000:]
+        (inputs / f"bits{bit_depth}.png").write_bytes((tmp_path / f"syn{bit_depth}" / "test" / "input" / "000000.png").read_bytes())
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     result = run_cli(
         "predict", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, f"input={inputs}", f"output={tmp_path}/out",
@@ -244,10 +247,10 @@ def test_predict_keeps_names_and_bit_depth_and_reports_a_corrupt_file(tmp_path):
     )
     assert result.returncode == 1
     assert "broken.png" in result.stdout and "Restored 2 of 3" in result.stdout
-    assert read_image_raw(tmp_path / "out" / "eight.png").dtype == np.uint8
-    sixteen = read_image_raw(tmp_path / "out" / "sixteen.png")
-    assert sixteen.dtype == np.uint16 and sixteen.shape == (70, 50, 3)
-    assert sorted(p.name for p in inputs.iterdir()) == ["broken.png", "eight.png", "sixteen.png"]
+    assert read_image_raw(tmp_path / "out" / "bits8.png").dtype == np.uint8
+    sixteen = read_image_raw(tmp_path / "out" / "bits16.png")
+    assert sixteen.dtype == np.uint16 and sixteen.shape == (72, 72, 3)
+    assert sorted(p.name for p in inputs.iterdir()) == ["bits16.png", "bits8.png", "broken.png"]
 
 
 def test_predict_refuses_to_write_into_the_input_folder(tmp_path):
