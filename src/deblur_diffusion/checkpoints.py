@@ -56,7 +56,8 @@ def lightning_weights(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
     if "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     state = checkpoint["state_dict"]
-    for candidate in (prefix.replace("net.", "ema.module.", 1), prefix):
+    ema_prefix = "ema.module" + prefix[len("net") :] if prefix == "net" or prefix.startswith("net.") else prefix
+    for candidate in (ema_prefix, prefix):
         selected = {key[len(candidate) + 1 :]: value for key, value in state.items() if key.startswith(candidate + ".")}
         if selected:
             return selected

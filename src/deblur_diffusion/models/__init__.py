@@ -9,6 +9,7 @@ from deblur_diffusion.models.hidiff import (
     PriorDiffusion,
     PriorGuidedRestormer,
 )
+from deblur_diffusion.models.latent_prior import LatentPriorModel, PriorFusedNet
 from deblur_diffusion.models.restormer import Restormer
 from deblur_diffusion.models.swintormer import Swintormer
 
@@ -16,9 +17,11 @@ __all__ = [
     "HIDiff",
     "HIDiffStageOneNet",
     "LatentEncoder",
+    "LatentPriorModel",
     "MLPDenoiser",
     "MixerDenoiser",
     "PriorDiffusion",
+    "PriorFusedNet",
     "PriorGuidedRestormer",
     "Restormer",
     "Swintormer",

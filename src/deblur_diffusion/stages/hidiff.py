@@ -95,9 +95,6 @@ class HIDiffStageTwo(RegressionStage):
         self.joint_training = joint_training
         self.prior_scope = prior_scope
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [parameter for parameter in self.net.parameters() if parameter.requires_grad]
-
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
         net = self.inference_net
         if self.prior_scope == "tile" or self.inference.mode == "whole":

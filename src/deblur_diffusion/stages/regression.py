@@ -117,7 +117,8 @@ class RegressionStage(L.LightningModule):
         return {"loss": self.loss(self.net(batch["lq"]), batch["gt"])}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.net.parameters())
+        """What the optimiser updates: the network's parameters that are not frozen."""
+        return [parameter for parameter in self.net.parameters() if parameter.requires_grad]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.training_losses(batch)
