@@ -16,6 +16,13 @@ from rich.text import Text
 
 from deblur_diffusion.errors import ConfigError, DeblurError
 
+IMAGE_CHANNELS = 3
+# ${with_prior:CHANNELS,FLAG}: CHANNELS, plus the 3 of a diffusion prior when FLAG is set (a prior
+# folder, or true for the online prior); lets data and model configs agree on the input channels.
+OmegaConf.register_new_resolver(
+    "with_prior", lambda channels, flag: int(channels) + (IMAGE_CHANNELS if flag else 0), replace=True
+)
+
 
 def config_dir() -> str:
     """The ``conf/`` folder: ``$DEBLUR_DIFFUSION_CONF`` if set, else the one of this checkout."""

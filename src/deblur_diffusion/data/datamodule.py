@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from deblur_diffusion.data.patches import TrainPatches, WholeImages
+from deblur_diffusion.data.priors import WithPrior
 from deblur_diffusion.data.schedule import ProgressiveBatchSampler, ProgressiveSchedule
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import ConfigError
@@ -26,6 +28,8 @@ class DeblurDataModule(L.LightningDataModule):
         flips, rotations: geometric augmentation of training patches.
         num_workers: data-loading processes (0 loads in the main process).
         seed: seeds the sampling order, crops and augmentations.
+        prior_dir: a folder of precomputed diffusion priors (``<prior_dir>/<split>/<pair name>.png``,
+            written by ``generate_prior``), appended to the input channels.
     """
 
     def __init__(
@@ -41,9 +45,14 @@ class DeblurDataModule(L.LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         seed: int = 0,
+        prior_dir: str | None = None,
     ):
         super().__init__()
         self.sources = {"train": train, "val": val, "test": test}
+        if prior_dir is not None:
+            self.sources = {
+                split: None if source is None else WithPrior(source, Path(prior_dir) / split) for split, source in self.sources.items()
+            }
         for split, source in self.sources.items():
             if source is not None and source.in_channels != in_channels:
                 raise ConfigError(

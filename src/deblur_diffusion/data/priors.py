@@ -1,0 +1,64 @@
+"""Precomputed diffusion priors (``python -m deblur_diffusion.generate_prior``) read with the pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from deblur_diffusion.data.io import read_image
+from deblur_diffusion.data.sources import PairSource
+from deblur_diffusion.data.synthetic import SyntheticPairs
+from deblur_diffusion.errors import ConfigError, DatasetLayoutError, ImageReadError, PairMismatchError
+
+PRIOR_SUFFIX = ".png"
+IMAGE_CHANNELS = 3
+
+
+def prior_path(prior_dir: str | Path, name: str) -> Path:
+    return Path(prior_dir) / f"{name}{PRIOR_SUFFIX}"
+
+
+def require_fixed_pairs(source: PairSource) -> None:
+    """Precomputed priors need pairs that are the same at every epoch."""
+    if isinstance(source, SyntheticPairs) and source.split == "train":
+        raise ConfigError(
+            "synthetic training pairs are blurred anew at every epoch, so precomputed priors cannot match them: "
+            "write a fixed dataset with python -m deblur_diffusion.data.synthesize, or use the online prior "
+            "(model=swintormer_online_prior)"
+        )
+
+
+class WithPrior(PairSource):
+    """Appends each pair's prior image (``prior_dir/<pair name>.png``, 16-bit) to its input
+    channels, so that crops and augmentations cut image and prior alike."""
+
+    def __init__(self, source: PairSource, prior_dir: str | Path):
+        require_fixed_pairs(source)
+        self.prior_dir = Path(prior_dir)
+        if not self.prior_dir.is_dir():
+            raise DatasetLayoutError(
+                f"prior folder {self.prior_dir} does not exist; write it with "
+                "python -m deblur_diffusion.generate_prior ckpt=<ldm_decoder_finetune .ckpt> data=... out=..."
+            )
+        self.source = source
+        self.in_channels = source.in_channels + IMAGE_CHANNELS
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def name(self, index: int) -> str:
+        return self.source.name(index)
+
+    def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        lq, gt = self.source.load(index, rng)
+        path = prior_path(self.prior_dir, self.name(index))
+        if not path.is_file():
+            raise ImageReadError(f"no prior for pair {self.name(index)!r}: {path} is missing (run generate_prior on this split)")
+        prior = read_image(path)
+        if prior.shape != gt.shape:
+            raise PairMismatchError(f"prior {path} is {prior.shape[1]}x{prior.shape[0]} but its pair is {gt.shape[1]}x{gt.shape[0]}")
+        return np.concatenate([lq, prior], axis=2), gt
+
+    def describe(self) -> str:
+        return f"{self.source.describe()} + priors from {self.prior_dir}"

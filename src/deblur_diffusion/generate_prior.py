@@ -1,0 +1,103 @@
+"""Precomputes Swintormer's diffusion priors:
+``python -m deblur_diffusion.generate_prior ckpt=... data=... split=train out=DIR``.
+
+For every blurry image of a data split (or of a folder), samples the prior with T DDIM steps from a
+fixed seed at the image's size (on overlapping tiles above ``tile_above_pixels``) and writes it as a
+16-bit PNG named after the pair, with a ``manifest.json`` recording the model, T and the seed.
+Priors already on disk are skipped, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.progress import track
+
+from deblur_diffusion.cli import config_dir, report_errors, require_complete
+from deblur_diffusion.data.io import list_images, read_image, write_image
+from deblur_diffusion.data.patches import to_tensor
+from deblur_diffusion.data.priors import prior_path, require_fixed_pairs
+from deblur_diffusion.errors import ConfigError
+from deblur_diffusion.models.latent_prior import LatentPriorModel
+from deblur_diffusion.pretrained import load_network, pick_device
+
+IMAGE_CHANNELS = 3
+PRIOR_BIT_DEPTH = 16
+MANIFEST = "manifest.json"
+
+
+def blurry_images(cfg: DictConfig) -> tuple[list[str], callable, Path]:
+    """The names of the images to process, a loader of the blurry image by index, and the folder
+    the priors go to."""
+    if cfg.input is not None:
+        files = list_images(Path(cfg.input)) if Path(cfg.input).is_dir() else []
+        if not files:
+            raise ConfigError(f"input {cfg.input} is not a folder of images")
+        return [f.stem for f in files], lambda index: read_image(files[index]), Path(cfg.out)
+    if cfg.data.get(cfg.split) is None:
+        raise ConfigError(f"the data config has no {cfg.split} split (data.{cfg.split} is null)")
+    source = instantiate(cfg.data[cfg.split])
+    require_fixed_pairs(source)
+    names = [source.name(index) for index in range(len(source))]
+    return names, lambda index: source.load(index, np.random.default_rng([int(cfg.seed), index]))[0][..., :IMAGE_CHANNELS], Path(cfg.out) / cfg.split
+
+
+def generate_priors(cfg: DictConfig) -> tuple[int, int]:
+    """Writes the missing priors; returns (written, skipped)."""
+    require_complete(cfg, unused=("model.", *(f"data.{s}." for s in ("train", "val", "test") if cfg.input is not None or s != cfg.split)))
+    loaded = load_network(cfg.ckpt)
+    model = loaded.net
+    if not isinstance(model, LatentPriorModel):
+        raise ConfigError(f"{cfg.ckpt} holds a {type(model).__name__}, not a latent diffusion prior (model=ldm_decoder_finetune)")
+    model.sampling_steps, model.noise_seed = int(cfg.steps), int(cfg.seed)
+    device = pick_device(cfg.device)
+    model.to(device).eval()
+    whole = instantiate(cfg.inference, mode="whole")
+    tiled = instantiate(cfg.inference, mode="tiles")
+
+    names, load_blurry, folder = blurry_images(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_file = folder / MANIFEST
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {"priors": {}}
+    settings = {"ckpt": str(cfg.ckpt), "steps": int(cfg.steps), "seed": int(cfg.seed), "eta": model.eta}
+    previous = {key: manifest.get(key) for key in settings}
+    if manifest["priors"] and previous != settings:
+        raise ConfigError(
+            f"{manifest_file} was written with {previous}, not {settings}; use another out folder or delete it"
+        )
+    manifest.update(settings)
+    written = skipped = 0
+    console = Console()
+    for index in track(range(len(names)), description=f"priors of {len(names)} images (T = {cfg.steps})", console=console):
+        target = prior_path(folder, names[index])
+        if target.is_file():
+            skipped += 1
+            continue
+        blurry = to_tensor(load_blurry(index))[None].to(device)
+        inference = tiled if blurry.shape[-2] * blurry.shape[-1] > cfg.tile_above_pixels else whole
+        with torch.no_grad():
+            prior = inference(model, blurry)[0].permute(1, 2, 0).cpu().numpy()
+        write_image(target, prior, PRIOR_BIT_DEPTH)
+        manifest["priors"][names[index]] = target.name
+        manifest_file.write_text(json.dumps(manifest, indent=2))
+        written += 1
+    manifest_file.write_text(json.dumps(manifest, indent=2))
+    console.print(f"{written} priors written, {skipped} already there, in {folder}", highlight=False)
+    return written, skipped
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="generate_prior")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    generate_priors(cfg)
+
+
+if __name__ == "__main__":
+    main()
