@@ -1,0 +1,183 @@
+"""Swintormer's diffusion prior: the model, its three stages, generate_prior and the fused Swintormer."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel, VQModel
+
+from conftest import FAST_TRAINER, TINY_SYNTHETIC, run_cli
+from deblur_diffusion.checkpoints import CheckpointError
+from deblur_diffusion.data.io import read_image_raw
+from deblur_diffusion.models import LatentPriorModel, PriorFusedNet, Swintormer
+from deblur_diffusion.stages import AutoencoderStage, DecoderFinetuneStage, LatentDiffusionStage, PriorFusedStage
+
+TINY_LDM = ["model/ldm_net@model.net=tiny"]
+TINY_SWINTORMER = ["dim=8", "num_blocks=[1,1,1,1]", "num_refinement_blocks=1", "heads=[1,1,1,1]", "window_size=4"]
+
+
+def tiny_parts():
+    autoencoder = VQModel(
+        block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, latent_channels=3, num_vq_embeddings=64, vq_embed_dim=3, norm_num_groups=8,
+    )
+    unet = UNet2DModel(
+        sample_size=16, in_channels=6, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8, norm_num_groups=8,
+    )
+    return autoencoder, unet
+
+
+def tiny_model(**kwargs):
+    torch.manual_seed(0)
+    return LatentPriorModel(*tiny_parts(), sampling_steps=5, **kwargs)
+
+
+def test_the_prior_has_the_input_size_and_is_reproducible_with_a_seed():
+    model = tiny_model().eval()
+    blurry = torch.rand(2, 3, 40, 52)
+    prior = model(blurry)
+    assert prior.shape == blurry.shape and 0 <= prior.min() and prior.max() <= 1
+    assert torch.equal(prior, model(blurry))
+    model.noise_seed = 1
+    assert not torch.equal(prior, model(blurry))
+
+
+@pytest.mark.parametrize("steps", [5, 10, 20, 50])
+def test_ddim_with_t_steps_calls_the_unet_t_times(steps):
+    model = tiny_model().eval()
+    timesteps = []
+    model.unet.register_forward_hook(lambda module, args, output: timesteps.append(int(args[1][0])))
+    trajectory = []
+    model.sample_latents(torch.rand(1, 3, 32, 32), steps=steps, trajectory=trajectory)
+    assert len(timesteps) == steps == len(trajectory)
+    assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == steps and max(timesteps) < 1000
+
+
+def test_a_unet_that_does_not_read_the_condition_is_rejected():
+    autoencoder, _ = tiny_parts()
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    with pytest.raises(ValueError, match="must read 6 channels"):
+        LatentPriorModel(autoencoder, unet)
+
+
+def snapshot(module):
+    return {name: value.clone() for name, value in module.state_dict().items()}
+
+
+def test_decoder_finetuning_leaves_encoder_codebook_and_unet_untouched():
+    stage = DecoderFinetuneStage(tiny_model(), torch.nn.L1Loss(), lambda params: torch.optim.AdamW(params, lr=1e-2))
+    frozen = {name: snapshot(stage.net.get_submodule(name)) for name in ("autoencoder.encoder", "autoencoder.quant_conv",
+                                                                        "autoencoder.quantize", "unet")}
+    decoder = snapshot(stage.net.autoencoder.decoder)
+    optimizer = stage.configure_optimizers()
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    batch = {"lq": torch.rand(2, 3, 32, 32), "gt": torch.rand(2, 3, 32, 32)}
+    for _ in range(2):
+        optimizer.zero_grad()
+        sum(stage.training_losses(batch).values()).backward()
+        optimizer.step()
+    for name, values in frozen.items():
+        module = stage.net.get_submodule(name)
+        assert all(p.grad is None and id(p) not in optimised for p in module.parameters()), name
+        assert all(torch.equal(values[key], value) for key, value in module.state_dict().items()), name
+    assert any(not torch.equal(decoder[key], value) for key, value in stage.net.autoencoder.decoder.state_dict().items())
+
+
+@pytest.mark.parametrize("stage_class, trained", [(AutoencoderStage, "autoencoder"), (LatentDiffusionStage, "unet")])
+def test_each_stage_trains_only_its_part(stage_class, trained):
+    stage = stage_class(tiny_model(), torch.nn.L1Loss(), torch.optim.AdamW)
+    batch = {"lq": torch.rand(2, 3, 32, 32), "gt": torch.rand(2, 3, 32, 32)}
+    sum(stage.training_losses(batch).values()).backward()
+    for part in ("autoencoder", "unet"):
+        grads = [p.grad for p in stage.net.get_submodule(part).parameters()]
+        if part == trained:
+            assert any(g is not None and g.abs().sum() > 0 for g in grads)
+        else:
+            assert all(g is None for g in grads)
+
+
+def test_a_diffusers_folder_initialises_the_model(tmp_path):
+    source = tiny_model()
+    source.autoencoder.save_pretrained(tmp_path / "ldm" / "vqvae")
+    source.unet.save_pretrained(tmp_path / "ldm" / "unet")
+    torch.manual_seed(1)
+    stage = LatentDiffusionStage(LatentPriorModel(*tiny_parts()), torch.nn.L1Loss(), torch.optim.AdamW, pretrained_dir=str(tmp_path / "ldm"))
+    for part in ("autoencoder", "unet"):
+        expected = source.get_submodule(part).state_dict()
+        assert all(torch.equal(value, expected[key]) for key, value in stage.net.get_submodule(part).state_dict().items())
+    with pytest.raises(CheckpointError, match=r"no diffusers-format LDM weights in .*missing: expected .*vqvae"):
+        LatentDiffusionStage(tiny_model(), torch.nn.L1Loss(), torch.optim.AdamW, pretrained_dir=str(tmp_path / "missing"))
+
+
+def test_online_prior_is_frozen_and_feeds_six_channels():
+    net = PriorFusedNet(tiny_model(), Swintormer(inp_channels=6, dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
+                                                 heads=[1, 1, 1, 1], window_size=4))
+    stage = PriorFusedStage(net, torch.nn.L1Loss(), torch.optim.AdamW)
+    params = {id(p) for group in stage.configure_optimizers().param_groups for p in group["params"]}
+    assert not any(id(p) in params for p in net.prior.parameters())
+    assert all(id(p) in params for p in net.net.parameters())
+    assert net.inp_channels == 3 and net(torch.rand(1, 3, 24, 24)).shape == (1, 3, 24, 24)
+
+
+def ckpt_of(folder):
+    return next((folder / "checkpoints").glob("step*.ckpt"))
+
+
+def test_the_chain_trains_through_the_cli_and_feeds_swintormer(tmp_path):
+    common = [*TINY_LDM, *TINY_SYNTHETIC, *FAST_TRAINER, "test=false"]
+    first = run_cli("train", "model=ldm_autoencoder", *common, f"hydra.run.dir={tmp_path}/ae", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli("train", "model=ldm_prior", f"model.init_ckpt={ckpt_of(tmp_path / 'ae')}", *common,
+                     f"hydra.run.dir={tmp_path}/prior", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    third = run_cli("train", "model=ldm_decoder_finetune", f"model.init_ckpt={ckpt_of(tmp_path / 'prior')}", *common,
+                    f"hydra.run.dir={tmp_path}/decoder", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    ae = torch.load(ckpt_of(tmp_path / "ae"), weights_only=True)["state_dict"]
+    final = torch.load(ckpt_of(tmp_path / "decoder"), weights_only=True)["state_dict"]
+    encoder_keys = [k for k in ae if k.startswith("net.autoencoder.encoder.")]
+    assert encoder_keys and all(torch.equal(ae[k], final[k]) for k in encoder_keys)
+
+    assert run_cli("data.synthesize", f"out={tmp_path}/GoPro", "train_pairs=4", "test_pairs=2", "image_size=40", cwd=tmp_path).returncode == 0
+    for split, extra in (("train", "steps=2"), ("val", "steps=2"), ("test", "steps=2")):
+        made = run_cli("generate_prior", f"ckpt={ckpt_of(tmp_path / 'decoder')}", "data=gopro", f"paths.data_dir={tmp_path}",
+                       f"split={split}", f"out={tmp_path}/priors", extra, cwd=tmp_path)
+        assert made.returncode == 0, made.stderr[-3000:]
+    priors = sorted((tmp_path / "priors" / "train").glob("*.png"))
+    assert len(priors) == 4 and read_image_raw(priors[0]).shape == (40, 40, 3) and read_image_raw(priors[0]).dtype == np.uint16
+    manifest = json.loads((tmp_path / "priors" / "train" / "manifest.json").read_text())
+    assert manifest["steps"] == 2 and len(manifest["priors"]) == 4
+    again = run_cli("generate_prior", f"ckpt={ckpt_of(tmp_path / 'decoder')}", "data=gopro", f"paths.data_dir={tmp_path}",
+                    f"out={tmp_path}/priors", "steps=2", cwd=tmp_path)
+    assert "0 priors written, 4 already there" in again.stdout
+
+    fused = run_cli(
+        "train", "model=swintormer", *[f"model.net.{o}" for o in TINY_SWINTORMER], "data=gopro", f"paths.data_dir={tmp_path}",
+        f"data.prior_dir={tmp_path}/priors", "data.patch_schedule=[[0,32,2]]", "data.num_workers=0", *FAST_TRAINER,
+        "inference=tiles", "inference.tile_size=32", "inference.stride=16", f"hydra.run.dir={tmp_path}/fused", cwd=tmp_path,
+    )
+    assert fused.returncode == 0, fused.stderr[-3000:]
+    assert "Test" in fused.stdout and "restored" in fused.stdout
+    weights = torch.load(ckpt_of(tmp_path / "fused"), weights_only=True)["state_dict"]
+    assert weights["net.patch_embed.proj2.weight"].shape[1] == 6 * 4
+
+    online = run_cli(
+        "train", "model=swintormer_online_prior", f"model.prior_ckpt={ckpt_of(tmp_path / 'decoder')}", "model/ldm_net@model.net.prior=tiny",
+        *[f"model.net.net.{o}" for o in TINY_SWINTORMER], *TINY_SYNTHETIC, *FAST_TRAINER, "test=false",
+        f"hydra.run.dir={tmp_path}/online", cwd=tmp_path,
+    )
+    assert online.returncode == 0, online.stderr[-3000:]
+
+
+def test_missing_priors_are_named(tmp_path):
+    assert run_cli("data.synthesize", f"out={tmp_path}/GoPro", "train_pairs=2", "test_pairs=1", "image_size=32", cwd=tmp_path).returncode == 0
+    (tmp_path / "priors" / "train").mkdir(parents=True)
+    result = run_cli("train", "model=swintormer", *[f"model.net.{o}" for o in TINY_SWINTORMER], "data=gopro",
+                     f"paths.data_dir={tmp_path}", f"data.prior_dir={tmp_path}/priors", "data.num_workers=0",
+                     "data.patch_schedule=[[0,32,2]]", *FAST_TRAINER, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "priors/test does not exist" in result.stderr or "generate_prior" in result.stderr
