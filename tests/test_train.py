@@ -95,3 +95,16 @@ def test_hidiff_ablation_presets_differ_only_where_the_paper_says(tmp_path):
     assert hidiff.model.joint_training and not split.model.joint_training
     assert baseline.model.net._target_.endswith("Restormer") and list(baseline.model.net.num_blocks) == [3, 5, 6, 6]
     assert baseline.trainer.max_steps == 2 * hidiff.trainer.max_steps
+
+
+def test_diffusion_prior_presets_wire_the_pipeline(tmp_path):
+    finetune = compose_train(tmp_path, "experiment=ldm_dpdd_decoder_finetune")
+    assert finetune.model._target_.endswith("DecoderFinetuneStage") and finetune.model.pretrained_dir.endswith("ldm-super-resolution-4x-openimages")
+    assert finetune.model.net.sampling_steps == 50 and finetune.model.net.beta_schedule == "scaled_linear"
+    assert (finetune.model.net.beta_start, finetune.model.net.beta_end) == (0.0015, 0.0155)
+    for steps in (5, 10, 20, 50):
+        fused = compose_train(tmp_path, "experiment=swintormer_dpdd_prior", f"prior_steps={steps}")
+        assert fused.data.prior_dir.endswith(f"DPDD_priors/T{steps}") and fused.model.net.inp_channels == 9
+    for stage in ("ldm_autoencoder", "ldm_prior", "ldm_decoder_finetune"):
+        quick = compose_train(tmp_path, "experiment=ldm_quick", f"model={stage}")
+        assert list(quick.model.net.autoencoder.block_out_channels) == [16, 32, 32]
