@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -85,6 +86,10 @@ def train(cfg: DictConfig) -> float | None:
         metrics.update(test_metrics)
         tables.append(metrics_table("Test", test_metrics, "test"))
     report(Console(), output_dir, tables, best)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            # Ends this run, so that the next sweep trial in this process starts its own.
+            logger.experiment.finish()
 
     optimized = cfg.get("optimized_metric")
     if optimized is None:

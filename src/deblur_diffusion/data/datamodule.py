@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
 from deblur_diffusion.data.patches import TrainPatches, WholeImages
 from deblur_diffusion.data.priors import WithPrior
@@ -16,8 +16,26 @@ from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import ConfigError
 
 
+class ShardSampler(Sampler[int]):
+    """Every ``world_size``-th index from ``rank``: each evaluation image on exactly one rank, none
+    repeated (``DistributedSampler`` pads with repeats, which would bias the metrics)."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class DeblurDataModule(L.LightningDataModule):
     """Training patches with the progressive schedule; whole images for validation and test.
+
+    Under DDP the module shards the data itself (the trainer configs set
+    ``use_distributed_sampler: false``): training batches come from a distinct shard per rank, and
+    every validation and test image is evaluated once, on one rank.
 
     Args:
         train, val, test: pair sources (any may be None when that stage is not run).
@@ -81,17 +99,27 @@ class DeblurDataModule(L.LightningDataModule):
             "persistent_workers": self.num_workers > 0,
         }
 
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
     def train_dataloader(self) -> DataLoader:
         dataset = TrainPatches(self._require("train"), self.flips, self.rotations)
-        generator = torch.Generator().manual_seed(self.seed)
+        rank, world_size = self._rank_and_world_size()
+        if world_size > 1:
+            # Each rank draws a distinct shard of every epoch's permutation.
+            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed, drop_last=True)
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
         start = self.trainer.global_step if self.trainer is not None else 0
-        batch_sampler = ProgressiveBatchSampler(
-            RandomSampler(dataset, generator=generator), self.schedule, self.seed, start_iteration=start
-        )
+        batch_sampler = ProgressiveBatchSampler(sampler, self.schedule, self.seed, start_iteration=start)
         return DataLoader(dataset, batch_sampler=batch_sampler, **self._loader_options())
 
     def _whole_image_loader(self, split: str) -> DataLoader:
-        return DataLoader(WholeImages(self._require(split)), batch_size=1, shuffle=False, **self._loader_options())
+        dataset = WholeImages(self._require(split))
+        rank, world_size = self._rank_and_world_size()
+        return DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), rank, world_size), **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
         return self._whole_image_loader("val")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class TokenLayerNorm(nn.Module):
@@ -183,6 +184,25 @@ class FourLevelUNet(nn.Module):
     """
 
     LEVELS = 4
+    LEVEL_NAMES = (
+        "encoder_level1",
+        "encoder_level2",
+        "encoder_level3",
+        "latent",
+        "decoder_level3",
+        "decoder_level2",
+        "decoder_level1",
+        "refinement",
+    )
+    checkpoint_levels: frozenset[str] = frozenset()
+
+    def set_checkpoint_levels(self, levels: Sequence[str]) -> None:
+        """Levels whose activations are recomputed in the backward pass instead of stored
+        (activation checkpointing: less memory, about one more forward pass of time)."""
+        unknown = set(levels) - set(self.LEVEL_NAMES)
+        if unknown:
+            raise ValueError(f"unknown checkpoint_levels {sorted(unknown)}; levels are {list(self.LEVEL_NAMES)}")
+        self.checkpoint_levels = frozenset(levels)
 
     def build_levels(
         self,
@@ -215,10 +235,12 @@ class FourLevelUNet(nn.Module):
         self.refinement = make_stage(dim * 2, heads[0], num_refinement_blocks)
 
     def run_level(self, name: str, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        """Runs one level's blocks, with that level's prior when the model has one; subclasses may
-        wrap it (activation checkpointing)."""
+        """Runs one level's blocks, with that level's prior when the model has one."""
         level = getattr(self, name)
-        return level(x) if prior is None else level(x, prior)
+        inputs = (x,) if prior is None else (x, prior)
+        if name in self.checkpoint_levels and self.training and torch.is_grad_enabled():
+            return checkpoint(level, *inputs, use_reentrant=False)
+        return level(*inputs)
 
     def encode_decode(self, stem: torch.Tensor, level_priors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Stem features (B, dim, h, w) to refined features (B, 2*dim, h, w).

@@ -48,16 +48,7 @@ SIZE_MULTIPLE = 8
 PREDICTIONS = ("eps", "x0")
 SIGNAL_COEFFICIENTS = ("alphas_cumprod", "sqrt_alphas_cumprod")
 
-LEVEL_NAMES = (
-    "encoder_level1",
-    "encoder_level2",
-    "encoder_level3",
-    "latent",
-    "decoder_level3",
-    "decoder_level2",
-    "decoder_level1",
-    "refinement",
-)
+LEVEL_NAMES = FourLevelUNet.LEVEL_NAMES
 
 
 class TokenMixer(nn.Module):
@@ -264,6 +255,7 @@ class PriorGuidedRestormer(FourLevelUNet):
     level, the latent one included, integrates the whole prior through a HIM.
 
     Any input size is accepted (reflect-padded to a multiple of 8, cropped back).
+    ``checkpoint_levels`` (level names) recompute those levels' activations in the backward pass.
     """
 
     def __init__(
@@ -281,6 +273,7 @@ class PriorGuidedRestormer(FourLevelUNet):
         embed_dim: int = 64,
         group: int = 4,
         multi_scale_prior: bool = True,
+        checkpoint_levels: Sequence[str] = (),
     ):
         super().__init__()
         if group < 2 or group % 2:
@@ -289,6 +282,7 @@ class PriorGuidedRestormer(FourLevelUNet):
         self.out_channels = out_channels
         self.dual_pixel_task = dual_pixel_task
         self.multi_scale_prior = multi_scale_prior
+        self.set_checkpoint_levels(checkpoint_levels)
         self.num_tokens = group * group
         self.prior_dim = PRIOR_EXPANSION * embed_dim
         ln_bias = layer_norm_has_bias(LayerNorm_type)

@@ -29,7 +29,8 @@ class Restormer(FourLevelUNet):
     """Restormer with the official constructor arguments and parameter names.
 
     Any input size is accepted: the input is reflect-padded to a multiple of 8 (three
-    downsamplings) and the output cropped back.
+    downsamplings) and the output cropped back. ``checkpoint_levels`` (level names) recompute
+    those levels' activations in the backward pass to save memory.
     """
 
     size_multiple = 2 ** (FourLevelUNet.LEVELS - 1)
@@ -46,6 +47,7 @@ class Restormer(FourLevelUNet):
         bias: bool = False,
         LayerNorm_type: str = "WithBias",  # noqa: N803 - official argument name, kept for config parity
         dual_pixel_task: bool = False,
+        checkpoint_levels: Sequence[str] = (),
     ):
         super().__init__()
         if not dual_pixel_task and inp_channels < out_channels:
@@ -56,6 +58,7 @@ class Restormer(FourLevelUNet):
         self.inp_channels = inp_channels
         self.out_channels = out_channels
         self.dual_pixel_task = dual_pixel_task
+        self.set_checkpoint_levels(checkpoint_levels)
         ln_bias = layer_norm_has_bias(LayerNorm_type)
 
         def stage(width: int, n_heads: int, depth: int) -> nn.Sequential:

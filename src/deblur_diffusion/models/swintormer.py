@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from deblur_diffusion.models.blocks import ChannelLayerNorm, FourLevelUNet, pad_to_multiple
 
@@ -38,18 +37,8 @@ _MAX_LOGIT_SCALE = math.log(100.0)
 _SHIFT_MASK_VALUE = -100.0
 ATTENTION_SOFTMAX = ("softmax_one", "softmax")
 
-LEVEL_NAMES = (
-    "encoder_level1",
-    "encoder_level2",
-    "encoder_level3",
-    "latent",
-    "decoder_level3",
-    "decoder_level2",
-    "decoder_level1",
-    "refinement",
-)
 # The official code checkpoints every level but the first.
-OFFICIAL_CHECKPOINTED_LEVELS = LEVEL_NAMES[1:]
+OFFICIAL_CHECKPOINTED_LEVELS = FourLevelUNet.LEVEL_NAMES[1:]
 
 
 def softmax_one(scores: torch.Tensor) -> torch.Tensor:
@@ -265,12 +254,9 @@ class Swintormer(FourLevelUNet):
             raise ValueError(f"window_size must be at least 2, got {window_size}")
         if checkpoint_levels == "official":
             checkpoint_levels = OFFICIAL_CHECKPOINTED_LEVELS
-        unknown = set(checkpoint_levels) - set(LEVEL_NAMES)
-        if unknown:
-            raise ValueError(f"unknown checkpoint_levels {sorted(unknown)}; levels are {list(LEVEL_NAMES)}")
         self.inp_channels = inp_channels
         self.window_size = window_size
-        self.checkpoint_levels = frozenset(checkpoint_levels)
+        self.set_checkpoint_levels(checkpoint_levels)
         self.size_multiple = 2**self.LEVELS * window_size
 
         def stage(width: int, n_heads: int, depth: int) -> nn.Sequential:
@@ -297,11 +283,6 @@ class Swintormer(FourLevelUNet):
         self.output = nn.Sequential(
             nn.Conv2d(dim * 2, IMAGE_CHANNELS * 4, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
         )
-
-    def run_level(self, name: str, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        if name in self.checkpoint_levels and self.training and torch.is_grad_enabled():
-            return checkpoint(getattr(self, name), x, use_reentrant=False)
-        return super().run_level(name, x, prior)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.inp_channels:

@@ -61,6 +61,8 @@ class RegressionStage(L.LightningModule):
             and test with it (None: no EMA).
         inference: how validation, testing and ``forward`` run the network: on whole images
             (default) or on overlapping tiles.
+        compile_network: compile the network with ``torch.compile`` (in place, so checkpoints
+            keep their parameter names).
     """
 
     def __init__(
@@ -72,8 +74,11 @@ class RegressionStage(L.LightningModule):
         grad_clip_norm: float | None = None,
         ema_decay: float | None = None,
         inference: Inference | None = None,
+        compile_network: bool = False,
     ):
         super().__init__()
+        if compile_network:
+            net.compile()
         self.net = net
         self.loss = loss
         self.optimizer_factory = optimizer
