@@ -29,7 +29,7 @@ from rich.table import Table
 from deblur_diffusion.cli import config_dir, report_errors, require_complete
 from deblur_diffusion.data.folders import DPDD, PairedFiles, RealBlur
 from deblur_diffusion.data.io import image_bit_depth, write_image
-from deblur_diffusion.data.patches import to_tensor
+from deblur_diffusion.data.patches import WholeImages
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.metrics import LPIPS, LPIPSUnavailable, align_realblur, dpdd_group, mae, psnr, ssim
@@ -138,9 +138,10 @@ def evaluate(cfg: DictConfig) -> dict:
     lpips, lpips_note = (LPIPS(restorer.device) if cfg.lpips else None), ""
     output_dir = Path(cfg.output_dir)
     rows = []
+    pairs = WholeImages(source)
     for index in track(range(len(source)), description=f"evaluating {len(source)} images", console=console):
-        lq, gt = source.load(index, np.random.default_rng([int(cfg.seed), index]))
-        blurry, target = to_tensor(lq)[None], to_tensor(gt)[None]
+        pair = pairs[index]
+        blurry, target = pair["lq"][None], pair["gt"][None]
         restored = restorer.restore(blurry, target if restorer.needs_sharp else None).cpu()
         bit_depth = input_bit_depth(source, index)
         if cfg.quantize:

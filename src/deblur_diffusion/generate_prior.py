@@ -10,10 +10,10 @@ Priors already on disk are skipped, so an interrupted run resumes where it stopp
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -22,7 +22,7 @@ from rich.progress import track
 
 from deblur_diffusion.cli import config_dir, report_errors, require_complete
 from deblur_diffusion.data.io import list_images, read_image, write_image
-from deblur_diffusion.data.patches import to_tensor
+from deblur_diffusion.data.patches import WholeImages, to_tensor
 from deblur_diffusion.data.priors import prior_path, require_fixed_pairs
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.models.latent_prior import LatentPriorModel
@@ -33,20 +33,22 @@ PRIOR_BIT_DEPTH = 16
 MANIFEST = "manifest.json"
 
 
-def blurry_images(cfg: DictConfig) -> tuple[list[str], callable, Path]:
+def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Tensor], Path]:
     """The names of the images to process, a loader of the blurry image by index, and the folder
     the priors go to."""
     if cfg.input is not None:
         files = list_images(Path(cfg.input)) if Path(cfg.input).is_dir() else []
         if not files:
             raise ConfigError(f"input {cfg.input} is not a folder of images")
-        return [f.stem for f in files], lambda index: read_image(files[index]), Path(cfg.out)
+        return [f.stem for f in files], lambda index: to_tensor(read_image(files[index])), Path(cfg.out)
     if cfg.data.get(cfg.split) is None:
         raise ConfigError(f"the data config has no {cfg.split} split (data.{cfg.split} is null)")
     source = instantiate(cfg.data[cfg.split])
     require_fixed_pairs(source)
+    pairs = WholeImages(source)
     names = [source.name(index) for index in range(len(source))]
-    return names, lambda index: source.load(index, np.random.default_rng([int(cfg.seed), index]))[0][..., :IMAGE_CHANNELS], Path(cfg.out) / cfg.split
+    # The same blurry image validation reads (WholeImages seeds generated pairs by index).
+    return names, lambda index: pairs[index]["lq"][:IMAGE_CHANNELS], Path(cfg.out) / cfg.split
 
 
 def generate_priors(cfg: DictConfig) -> tuple[int, int]:
@@ -80,7 +82,7 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
         if target.is_file():
             skipped += 1
             continue
-        blurry = to_tensor(load_blurry(index))[None].to(device)
+        blurry = load_blurry(index)[None].to(device)
         inference = tiled if blurry.shape[-2] * blurry.shape[-1] > cfg.tile_above_pixels else whole
         with torch.no_grad():
             prior = inference(model, blurry)[0].permute(1, 2, 0).cpu().numpy()
