@@ -34,7 +34,7 @@ synthesize: setup  ## write synthetic pairs to disk: make synthesize ARGS="out=/
 	$(BIN)/python -m deblur_diffusion.data.synthesize $(ARGS)
 
 test: setup  ## the test suite (what .ci/run calls)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n auto $(ARGS)
 
 lock:  ## re-pin requirements/lock.txt from a fresh resolution of pyproject.toml
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

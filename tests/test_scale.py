@@ -1,0 +1,251 @@
+"""Sweeps, distributed data, mixed precision, activation checkpointing and the notebooks."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import pytest
+import torch
+import yaml
+from nbclient import NotebookClient
+
+from conftest import FAST_TRAINER, REPO_ROOT, TINY_RESTORMER, TINY_SYNTHETIC, run_cli
+from deblur_diffusion.data import DeblurDataModule, SyntheticPairs
+from deblur_diffusion.models import (
+    HIDiff,
+    HIDiffStageOneNet,
+    LatentEncoder,
+    MixerDenoiser,
+    PriorDiffusion,
+    PriorGuidedRestormer,
+    Restormer,
+    Swintormer,
+)
+from deblur_diffusion.stages import (
+    AutoencoderStage,
+    DecoderFinetuneStage,
+    HIDiffStageOne,
+    HIDiffStageTwo,
+    LatentDiffusionStage,
+    RegressionStage,
+)
+from test_latent_prior import tiny_model
+
+ODD_VALIDATION = [o for o in TINY_SYNTHETIC if not o.startswith("data.val.length")] + ["data.val.length=3"]
+
+
+def last_validation(run_dir: Path) -> dict:
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("val/psnr")]
+    return {key: float(value) for key, value in rows[-1].items() if key.startswith("val/") and value}
+
+
+def test_ddp_sim_validates_each_image_once_like_a_single_process(tmp_path):
+    single = run_cli("train", *TINY_RESTORMER, *ODD_VALIDATION, *FAST_TRAINER, "test=false", f"hydra.run.dir={tmp_path}/single", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    checkpoint = next((tmp_path / "single" / "checkpoints").glob("step*.ckpt"))
+    distributed = run_cli(
+        "train", *TINY_RESTORMER, *ODD_VALIDATION, *FAST_TRAINER, "trainer=ddp_sim", f"ckpt_path={checkpoint}", "test=false",
+        f"hydra.run.dir={tmp_path}/ddp", cwd=tmp_path,
+    )
+    assert distributed.returncode == 0, distributed.stderr[-3000:]
+    expected, measured = last_validation(tmp_path / "single"), last_validation(tmp_path / "ddp")
+    for metric in ("val/psnr", "val/ssim", "val/psnr_input"):
+        assert measured[metric] == pytest.approx(expected[metric], abs=1e-5), metric
+
+
+def test_ddp_sim_trains_and_rank_zero_writes_the_outputs(tmp_path):
+    result = run_cli("train", *TINY_RESTORMER, *TINY_SYNTHETIC, *FAST_TRAINER, "trainer=ddp_sim", "test=false",
+                     f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()} == {"step0000004.ckpt", "last.ckpt"}
+    assert (tmp_path / "run" / "samples" / "latest.png").is_file()
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def shard(world_size: int, rank: int, split: str):
+    data = DeblurDataModule(
+        train=SyntheticPairs("train", length=20, image_size=24, kernel_size=5),
+        val=SyntheticPairs("val", length=5, image_size=24, kernel_size=5),
+        patch_schedule=[[0, 16, 2]],
+        num_workers=0,
+    )
+    data.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, global_step=0)
+    loader = data.train_dataloader() if split == "train" else data.val_dataloader()
+    if split == "train":
+        return [key.index for batch in loader.batch_sampler for key in batch]
+    return list(loader.sampler)
+
+
+def test_each_rank_draws_a_distinct_shard_and_evaluates_distinct_images():
+    first, second = shard(2, 0, "train"), shard(2, 1, "train")
+    assert len(first) == len(second) == 10 and not set(first) & set(second)
+    assert sorted(first + second) == list(range(20))
+    val = [shard(2, rank, "val") for rank in (0, 1)]
+    assert sorted(val[0] + val[1]) == list(range(5)) and not set(val[0]) & set(val[1])
+
+
+def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
+    result = run_cli(
+        "train", "-m", "hparams_search=regression", *TINY_RESTORMER, *[o for o in TINY_SYNTHETIC if "patch_schedule" not in o],
+        *FAST_TRAINER, "test=false", "hydra.sweeper.n_trials=2", "sweep.patch_size=choice(24,32)", "sweep.batch_size=2",
+        f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    trials = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert trials == ["0", "1"]
+    values = [last_validation(tmp_path / "sweep" / t)["val/psnr"] for t in trials]
+    assert results["best_value"] == pytest.approx(max(values), abs=1e-4)
+    assert set(results["best_params"]) == {"model.optimizer.lr", "model.optimizer.weight_decay", "sweep.patch_size"}
+
+
+def expand_wandb_command(spec: dict, parameters: dict) -> list[str]:
+    """W&B's command macros for one parameter set (the agent's behaviour, documented by W&B)."""
+    command = []
+    for part in spec["command"]:
+        if part == "${env}":
+            command.append("/usr/bin/env")
+        elif part == "${interpreter}":
+            command.append(sys.executable)
+        elif part == "${args_no_hyphens}":
+            command += [f"{key}={value}" for key, value in parameters.items()]
+        else:
+            command.append(part)
+    return command
+
+
+def test_the_wandb_sweep_runs_one_trial_of_the_hydra_entry_point(tmp_path):
+    spec = yaml.safe_load((REPO_ROOT / "experiments" / "sweeps" / "wandb_regression.yaml").read_text())
+    parameters = {
+        name: (options["values"][0] if "values" in options else options["min"]) for name, options in spec["parameters"].items()
+    }
+    parameters["data.patch_schedule"] = "[[0,32,2]]"
+    command = expand_wandb_command(spec, parameters)
+    assert command[:4] == ["/usr/bin/env", sys.executable, "-m", "deblur_diffusion.train"] and "logger=wandb" in command
+    fixed = [*TINY_RESTORMER, *[o for o in TINY_SYNTHETIC if "patch_schedule" not in o], *FAST_TRAINER, "test=false",
+             f"hydra.run.dir={tmp_path}/trial"]
+    env = {**os.environ, "HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": str(tmp_path / "none"),
+           "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([*command, *fixed], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "trial" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    applied = yaml.safe_load((tmp_path / "trial" / ".hydra" / "config.yaml").read_text())
+    assert applied["model"]["optimizer"]["lr"] == parameters["model.optimizer.lr"]
+    assert applied["model"]["optimizer"]["weight_decay"] == parameters["model.optimizer.weight_decay"]
+
+
+def tiny_batch(channels=3):
+    return {"lq": torch.rand(2, channels, 32, 32), "gt": torch.rand(2, 3, 32, 32), "name": ["a", "b"]}
+
+
+def tiny_hidiff_transformer():
+    return PriorGuidedRestormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1], embed_dim=8)
+
+
+def stages():
+    adam = torch.optim.AdamW
+    l1 = torch.nn.L1Loss()
+    tiny = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1])
+    return {
+        "restormer": RegressionStage(Restormer(**tiny), l1, adam),
+        "swintormer": RegressionStage(Swintormer(inp_channels=3, window_size=4, **tiny), l1, adam),
+        "hidiff_s1": HIDiffStageOne(HIDiffStageOneNet(tiny_hidiff_transformer(), LatentEncoder(embed_dim=8, block_num=1)), l1, adam),
+        "hidiff_s2": HIDiffStageTwo(
+            HIDiff(tiny_hidiff_transformer(), LatentEncoder(3, 8, 1, stage=2), MixerDenoiser(32, 32, 16, 3), PriorDiffusion()),
+            LatentEncoder(embed_dim=8, block_num=1), l1, adam,
+        ),
+        "ldm_autoencoder": AutoencoderStage(tiny_model(), l1, adam),
+        "ldm_prior": LatentDiffusionStage(tiny_model(), l1, adam),
+        "ldm_decoder_finetune": DecoderFinetuneStage(tiny_model(), l1, adam),
+    }
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_one_bf16_autocast_step_on_cpu(name):
+    stage = stages()[name]
+    optimizer = stage.configure_optimizers()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sum(stage.training_losses(tiny_batch()).values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in stage.trainable_parameters()]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads if g is not None)
+    optimizer.step()
+
+
+@pytest.mark.parametrize("make", [
+    lambda levels: Restormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1], checkpoint_levels=levels),
+    lambda levels: PriorGuidedRestormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1], embed_dim=8,
+                                        checkpoint_levels=levels),
+], ids=["restormer", "hidiff"])
+def test_activation_checkpointing_keeps_outputs_and_gradients(make):
+    torch.manual_seed(0)
+    plain = make([])
+    checkpointed = make(["encoder_level2", "latent", "refinement"])
+    checkpointed.load_state_dict(plain.state_dict())
+    image = torch.rand(1, 3, 24, 24)
+    extra = (torch.randn(1, 16, 32),) if isinstance(plain, PriorGuidedRestormer) else ()
+    outputs = [net(image, *extra) for net in (plain, checkpointed)]
+    for out in outputs:
+        out.square().mean().backward()
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    with pytest.raises(ValueError, match="unknown checkpoint_levels"):
+        make(["level9"])
+
+
+def execute(notebook: Path, env: dict) -> nbformat.NotebookNode:
+    nb = nbformat.read(notebook, as_version=4)
+    assert all(not cell.get("outputs") for cell in nb.cells if cell.cell_type == "code"), "commit notebooks without outputs"
+    previous = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}}).execute()
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return nb
+
+
+def text_outputs(nb) -> str:
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def test_the_notebooks_run_top_to_bottom_on_tiny_runs(tmp_path):
+    common = [*TINY_SYNTHETIC, *FAST_TRAINER, "test=false"]
+    hidiff = ["model.net.transformer.dim=8", "model.net.transformer.num_blocks=[1,1,1,1]", "model.net.transformer.num_refinement_blocks=1",
+              "model.net.transformer.heads=[1,1,1,1]", "model.net.transformer.embed_dim=8"]
+    runs = {
+        "restormer": ["train", *TINY_RESTORMER, *common],
+        "s1": ["train", "model=hidiff_s1", *hidiff, "model.net.latent_encoder.block_num=1", *common],
+        "ldm": ["train", "model=ldm_decoder_finetune", "model/ldm_net@model.net=tiny", *common],
+    }
+    for name, args in runs.items():
+        result = run_cli(*args, f"hydra.run.dir={tmp_path}/{name}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    stage_two = run_cli(
+        "train", "model=hidiff_s2", f"model.stage1_ckpt={next((tmp_path / 's1' / 'checkpoints').glob('step*.ckpt'))}", *hidiff,
+        "model.net.condition_encoder.block_num=1", "model.latent_encoder.block_num=1", "model.net.denoiser.in_channel=32",
+        "model.net.denoiser.out_channel=32", "model.net.denoiser.inner_channel=16", *common, f"hydra.run.dir={tmp_path}/s2", cwd=tmp_path,
+    )
+    assert stage_two.returncode == 0, stage_two.stderr[-3000:]
+
+    inspected = execute(REPO_ROOT / "notebooks" / "inspect_results.ipynb", {"DEBLUR_RUN_DIR": str(tmp_path / "restormer")})
+    assert "| restored |" in text_outputs(inspected)
+    prior = execute(REPO_ROOT / "notebooks" / "diffusion_prior.ipynb", {
+        "HIDIFF_CKPT": str(next((tmp_path / "s2" / "checkpoints").glob("step*.ckpt"))),
+        "LDM_CKPT": str(next((tmp_path / "ldm" / "checkpoints").glob("step*.ckpt"))),
+    })
+    assert "skipped" not in text_outputs(prior)
+    images = [o for c in prior.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 4
