@@ -1,6 +1,6 @@
 """HI-Diff's ablations (Table 1 and Fig. 3) at toy scale on the embedded synthetic data.
 
-    python experiments/hidiff/ablation_small.py [--out DIR] [--timesteps 1 2 4 16 32]
+    python experiments/hidiff_table1_fig3/ablation_small.py [--out DIR] [--timesteps 1 2 4 16 32]
 
 Trains, on the CPU, the quick presets (experiment=hidiff_quick_*): the Baseline (a Restormer of
 the same widths, as many steps as both HI-Diff stages), HI-Diff (stage one, then stage two with

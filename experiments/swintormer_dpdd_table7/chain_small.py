@@ -1,6 +1,6 @@
 """Swintormer's diffusion-prior pipeline at toy scale, end to end on the CPU.
 
-    python experiments/swintormer_prior/chain_small.py [--out DIR] [--timesteps 5 50]
+    python experiments/swintormer_dpdd_table7/chain_small.py [--out DIR] [--timesteps 5 50]
 
 1. writes a fixed synthetic dataset (256 training pairs of 96 px, 8 test pairs) in the GoPro layout;
 2. trains the tiny latent diffusion model: autoencoder, UNet, then the decoder (experiment=ldm_quick);
