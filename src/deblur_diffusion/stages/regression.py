@@ -1,8 +1,10 @@
 """The regression training stage: a network trained to map blurry inputs to sharp images.
 
-Used by Restormer and Swintormer. It owns the loss, the optimiser and its schedule, gradient
-clipping, the EMA of the weights (used for validation and saved in the checkpoint) and the
-validation metrics (PSNR and SSIM of the restored output, and of the blurry input for reference).
+Used as is by Restormer and Swintormer, and as the base of the HI-Diff and latent-diffusion stages,
+which override what the network reads (``restore``), the loss terms (``training_losses``) and what
+trains. It owns the loss, the optimiser and its schedule, gradient clipping, the EMA of the weights
+(used for validation and saved in the checkpoint) and the validation metrics (PSNR and SSIM of the
+restored output, and of the blurry input for reference).
 """
 
 from __future__ import annotations
