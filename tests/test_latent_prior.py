@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel, VQModel
+from einops import rearrange
+from lightning import Trainer
+from torch.utils.data import DataLoader
 
 from conftest import FAST_TRAINER, TINY_SYNTHETIC, run_cli
 from deblur_diffusion.checkpoints import CheckpointError
@@ -98,6 +101,21 @@ def test_each_stage_trains_only_its_part(stage_class, trained):
             assert any(g is not None and g.abs().sum() > 0 for g in grads)
         else:
             assert all(g is None for g in grads)
+
+
+def test_the_autoencoder_codebook_starts_from_encoder_outputs():
+    stage = AutoencoderStage(tiny_model(), torch.nn.L1Loss(), lambda params: torch.optim.SGD(params, lr=0.0))
+    images = torch.rand(4, 3, 32, 32)
+    loader = DataLoader([{"lq": image, "gt": image, "name": str(i)} for i, image in enumerate(images)], batch_size=4)
+    latents = rearrange(stage.net.encode(images).detach(), "b c h w -> (b h w) c")
+
+    def distance_to_nearest_latent():
+        return torch.cdist(stage.net.autoencoder.quantize.embedding.weight.detach(), latents, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+
+    assert distance_to_nearest_latent().max() > 0.01
+    Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False).fit(stage, loader)
+    assert distance_to_nearest_latent().max() < 1e-5
 
 
 def test_a_diffusers_folder_initialises_the_model(tmp_path):

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel, VQModel
+from einops import rearrange
 from torch import nn
 from torch.optim import Optimizer
 
 from deblur_diffusion.checkpoints import CheckpointError, lightning_weights, load_weights
+from deblur_diffusion.models.blocks import pad_to_multiple
 from deblur_diffusion.models.latent_prior import LatentPriorModel, PriorFusedNet
 from deblur_diffusion.stages.regression import RegressionStage
 
@@ -82,13 +84,46 @@ class LatentPriorStage(RegressionStage):
 
 class AutoencoderStage(LatentPriorStage):
     """Stage 1: the VQ autoencoder reconstructs sharp images; ``codebook_weight`` scales the VQ
-    codebook + commitment loss."""
+    codebook + commitment loss.
+
+    ``codebook_from_data`` (used only when training from scratch) replaces the codebook, before
+    the first step, by encoder outputs of the first batch. The default initialisation draws codes
+    near zero, far from the encoder's outputs, so every latent snaps to the same few codes, the
+    commitment loss pulls the encoder onto them and the decoder learns a constant image.
+    """
 
     trained_parts = ("autoencoder",)
+    inherited_parts = ("autoencoder",)
 
-    def __init__(self, *args, codebook_weight: float = 1.0, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        net: LatentPriorModel,
+        loss: nn.Module,
+        optimizer: Callable[..., Optimizer],
+        codebook_weight: float = 1.0,
+        codebook_from_data: bool = True,
+        init_ckpt: str | None = None,
+        pretrained_dir: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(net, loss, optimizer, init_ckpt=init_ckpt, pretrained_dir=pretrained_dir, **kwargs)
         self.codebook_weight = codebook_weight
+        self.codebook_from_data = codebook_from_data and init_ckpt is None and pretrained_dir is None
+
+    def on_train_start(self) -> None:
+        if not self.codebook_from_data or self.global_step > 0:
+            return
+        batch = next(iter(self.trainer.train_dataloader))
+        sharp = batch["gt"].to(self.device)
+        with torch.no_grad():
+            latents = self.net.encode(pad_to_multiple(sharp, self.net.downsample)[0])
+        vectors = rearrange(latents, "b c h w -> (b h w) c")
+        codebook = self.net.autoencoder.quantize.embedding.weight
+        picks = torch.randint(vectors.shape[0], (codebook.shape[0],), generator=torch.Generator().manual_seed(0))
+        # Every rank must start from the same codebook, whatever its own first batch.
+        codes = self.trainer.strategy.broadcast(vectors[picks.to(vectors.device)].cpu(), src=0)
+        with torch.no_grad():
+            codebook.copy_(codes.to(codebook))
 
     def restore(self, batch: dict) -> torch.Tensor:
         return self.inference_net.reconstruct(batch["gt"])[0]
