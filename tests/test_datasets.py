@@ -237,3 +237,17 @@ def test_a_corrupt_file_read_in_a_worker_surfaces_with_its_name(tmp_path, rng):
     )
     with pytest.raises(ImageReadError, match="target/b.png"):
         list(module.val_dataloader())
+
+
+def test_a_split_without_its_prior_folder_fails_only_when_used(tmp_path, rng):
+    make_folder(tmp_path, rng, size=(24, 24), bits=16)
+    for name in ("a", "b", "c"):
+        write_png(tmp_path / "priors" / "train" / f"{name}.png", random_pixels(rng, 24, 24, 16))
+    pairs = FolderPairs(tmp_path / "input", tmp_path / "target")
+    module = DeblurDataModule(train=pairs, test=pairs, in_channels=6, prior_dir=str(tmp_path / "priors"),
+                              patch_schedule=[[0, 16, 3]], num_workers=0)
+    batch = next(iter(module.train_dataloader()))
+    prior = cv2.imread(str(tmp_path / "priors" / "train" / f"{batch['name'][0]}.png"), cv2.IMREAD_UNCHANGED)
+    assert batch["lq"].shape == (3, 6, 16, 16) and prior.dtype == np.uint16
+    with pytest.raises(DatasetLayoutError, match="priors/test does not exist.*generate_prior"):
+        module.test_dataloader()

@@ -8,6 +8,7 @@
 4. trains a small Swintormer without prior and with the prior of each T (data.prior_dir).
 
 Prints the validation PSNR / SSIM and the time of each step as a Markdown table (DIR/results.md).
+Steps that finished (DIR/<step>.done) are not run again, so an interrupted chain goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -30,12 +31,18 @@ SWINTORMER = [
 
 
 def run(out: Path, name: str, module: str, *overrides: str) -> tuple[str, float]:
+    """Runs one step, or reads back the output and time of a step that finished in an earlier call."""
+    log, done = out / f"{name}.log", out / f"{name}.done"
+    if done.is_file():
+        return log.read_text(), float(done.read_text())
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", f"deblur_diffusion.{module}", *overrides], capture_output=True, text=True)
-    (out / f"{name}.log").write_text(result.stdout + result.stderr)
+    log.write_text(result.stdout + result.stderr)
     if result.returncode != 0:
-        sys.exit(f"{name} failed, see {out / f'{name}.log'}")
-    return result.stdout, time.perf_counter() - start
+        sys.exit(f"{name} failed, see {log}; run the script again with the same --out to go on from there")
+    seconds = time.perf_counter() - start
+    done.write_text(f"{seconds:.1f}\n")
+    return result.stdout + result.stderr, seconds
 
 
 def main() -> None:
@@ -67,11 +74,12 @@ def main() -> None:
     stdout, seconds = run(out, "swintormer", "train", *SWINTORMER, *data, f"hydra.run.dir={out}/swintormer")
     record("Swintormer without prior", stdout, seconds)
     for steps in args.timesteps:
-        start = time.perf_counter()
-        for split in ("train", "val"):
+        seconds = sum(
             run(out, f"priors_T{steps}_{split}", "generate_prior", f"ckpt={decoder}", "data=gopro", *data, f"split={split}",
-                f"steps={steps}", f"out={out}/priors/T{steps}")
-        rows.append((f"generate_prior, T = {steps} (train + val)", {}, time.perf_counter() - start))
+                f"steps={steps}", f"out={out}/priors/T{steps}")[1]
+            for split in ("train", "val")
+        )
+        rows.append((f"generate_prior, T = {steps} (train + val)", {}, seconds))
         stdout, seconds = run(out, f"swintormer_T{steps}", "train", *SWINTORMER, *data, f"data.prior_dir={out}/priors/T{steps}",
                               f"hydra.run.dir={out}/swintormer_T{steps}")
         record(f"Swintormer with the prior, T = {steps}", stdout, seconds)

@@ -90,6 +90,7 @@ class DeblurDataModule(L.LightningDataModule):
         source = self.sources[split]
         if source is None:
             raise ConfigError(f"data.{split} is not set: this data config has no {split} split")
+        source.verify()
         return source
 
     def _loader_options(self) -> dict:

@@ -36,11 +36,6 @@ class WithPrior(PairSource):
     def __init__(self, source: PairSource, prior_dir: str | Path):
         require_fixed_pairs(source)
         self.prior_dir = Path(prior_dir)
-        if not self.prior_dir.is_dir():
-            raise DatasetLayoutError(
-                f"prior folder {self.prior_dir} does not exist; write it with "
-                "python -m deblur_diffusion.generate_prior ckpt=<ldm_decoder_finetune .ckpt> data=... out=..."
-            )
         self.source = source
         self.in_channels = source.in_channels + IMAGE_CHANNELS
 
@@ -62,3 +57,11 @@ class WithPrior(PairSource):
 
     def describe(self) -> str:
         return f"{self.source.describe()} + priors from {self.prior_dir}"
+
+    def verify(self) -> None:
+        self.source.verify()
+        if not self.prior_dir.is_dir():
+            raise DatasetLayoutError(
+                f"prior folder {self.prior_dir} does not exist; write it with "
+                "python -m deblur_diffusion.generate_prior ckpt=<ldm_decoder_finetune .ckpt> data=... out=..."
+            )

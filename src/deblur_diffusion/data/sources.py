@@ -32,3 +32,7 @@ class PairSource(ABC):
 
     def describe(self) -> str:
         return f"{type(self).__name__} with {len(self)} pairs"
+
+    def verify(self) -> None:
+        """Raises a clear error when the source cannot be read; called when its split is first used,
+        so that a split the run does not use (``test=false``) may be incomplete."""
