@@ -19,6 +19,11 @@ def test_train_writes_checkpoint_samples_and_table_then_resumes_from_its_step(tm
     assert first.returncode == 0, first.stderr[-3000:]
     assert "blurry input" in first.stdout and "PSNR" in first.stdout
     assert f"Run outputs: {tmp_path / 'a'}" in first.stdout
+    run_log = (tmp_path / "a" / "train.log").read_text()
+    assert "`Trainer.fit` stopped: `max_steps=4` reached" in run_log
+    assert "│ PSNR" in run_log and f"Run outputs: {tmp_path / 'a'}" in run_log
+    console = first.stdout + first.stderr
+    assert console.count("`Trainer.fit` stopped") == 1 and console.count("[deblur_diffusion]") == 0
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert (tmp_path / "a" / "samples" / "latest.png").is_file()
     state = torch.load(last, weights_only=True)
@@ -55,6 +60,7 @@ def test_missing_dataset_fails_before_training_with_the_layout(tmp_path):
     assert f"{tmp_path}/nowhere/GoPro/train" in result.stderr
     assert "Expected layout" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert f"{tmp_path}/nowhere/GoPro/train" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_missing_required_value_is_named(tmp_path):
@@ -74,6 +80,7 @@ def test_synthesize_cli_writes_16_bit_gopro_layout(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list((tmp_path / "syn" / "train" / "input").glob("*.png"))) == 3
     assert len(list((tmp_path / "syn" / "test" / "target").glob("*.png"))) == 2
+    assert not list(tmp_path.glob("*.log")), "a tool that runs in the current folder must not leave a log file there"
 
 
 def test_wandb_logger_runs_offline_without_an_account(tmp_path):

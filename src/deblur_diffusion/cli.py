@@ -1,8 +1,10 @@
-"""What the Hydra entry points share: where the configs are and how errors are reported."""
+"""What the Hydra entry points share: where the configs are, the run's log file, and how errors are reported."""
 
 from __future__ import annotations
 
 import functools
+import io
+import logging
 import os
 import re
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.text import Text
 
 from deblur_diffusion.errors import ConfigError, DeblurError
@@ -22,6 +24,31 @@ IMAGE_CHANNELS = 3
 OmegaConf.register_new_resolver(
     "with_prior", lambda channels, flag: int(channels) + (IMAGE_CHANNELS if flag else 0), replace=True
 )
+
+
+# The package's messages for the run's log file (conf/hydra/job_logging/run_file.yaml). The null
+# handler keeps them silent where logging is not configured, instead of Python's stderr fallback
+# printing them a second time next to the Rich output.
+RUN_LOG = logging.getLogger("deblur_diffusion")
+RUN_LOG.addHandler(logging.NullHandler())
+
+
+def log_to_run_file(*renderables: RenderableType) -> None:
+    """Writes what the console showed (Rich tables, lines) as plain text into the run's log file."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=120, color_system=None, soft_wrap=True)
+    for renderable in renderables:
+        console.print(renderable, highlight=False)
+    RUN_LOG.info("\n%s", buffer.getvalue().rstrip())
+
+
+def pass_lightning_messages_to_run_log() -> None:
+    """Lightning, imported before Hydra configures logging, prints its messages through its own
+    console handlers and stops them there; this gives them the run's log file as well."""
+    run_files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in run_files:
+            logging.getLogger(name).addHandler(handler)
 
 
 def config_dir() -> str:
@@ -71,6 +98,7 @@ def report_errors(task: Callable) -> Callable:
             heading = f"error (building {key.group(1)}): " if key else "error: "
             message = str(_root_cause(err))
         Console(stderr=True).print(Text.assemble((heading, "bold red"), message), soft_wrap=True)
+        RUN_LOG.error("%s%s", heading, message)
         sys.exit(1)
 
     return wrapper

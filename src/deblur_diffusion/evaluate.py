@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from deblur_diffusion.cli import config_dir, report_errors, require_complete
+from deblur_diffusion.cli import config_dir, log_to_run_file, report_errors, require_complete
 from deblur_diffusion.data.folders import DPDD, PairedFiles, RealBlur
 from deblur_diffusion.data.io import image_bit_depth, write_image
 from deblur_diffusion.data.patches import WholeImages
@@ -158,10 +158,13 @@ def evaluate(cfg: DictConfig) -> dict:
 
     summary = summarise(rows, protocol)
     write_results(output_dir, rows, summary, protocol, cfg, lpips_note)
-    console.print(summary_table(summary, f"{protocol} protocol on {source.describe()}"))
-    if lpips_note:
-        console.print(f"LPIPS not reported: {lpips_note}", style="yellow", soft_wrap=True)
-    console.print(f"Results: {output_dir}/summary.md, summary.json, per_image.csv", soft_wrap=True, highlight=False)
+    table = summary_table(summary, f"{protocol} protocol on {source.describe()}")
+    lines = [f"LPIPS not reported: {lpips_note}"] if lpips_note else []
+    lines.append(f"Results: {output_dir}/summary.md, summary.json, per_image.csv")
+    console.print(table)
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False, style="yellow" if line.startswith("LPIPS") else None)
+    log_to_run_file(table, *lines)
     return summary
 
 

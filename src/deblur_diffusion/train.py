@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from deblur_diffusion.cli import config_dir, report_errors, require_complete
+from deblur_diffusion.cli import config_dir, log_to_run_file, pass_lightning_messages_to_run_log, report_errors, require_complete
 from deblur_diffusion.errors import ConfigError
 
 
@@ -48,14 +48,17 @@ def metrics_table(title: str, metrics: dict[str, float], prefix: str) -> Table:
 
 @rank_zero_only
 def report(console: Console, output_dir: Path, tables: list[Table], best_checkpoint: str) -> None:
-    for table in tables:
-        console.print(table)
-    console.print(f"Run outputs: [bold]{output_dir}[/]", soft_wrap=True)
+    lines = [f"Run outputs: {output_dir}"]
     if best_checkpoint:
-        console.print(f"  best checkpoint: {best_checkpoint}", soft_wrap=True, highlight=False)
+        lines.append(f"  best checkpoint: {best_checkpoint}")
     samples = output_dir / "samples" / "latest.png"
     if samples.is_file():
-        console.print(f"  blurry | restored | sharp: {samples}", soft_wrap=True, highlight=False)
+        lines.append(f"  blurry | restored | sharp: {samples}")
+    for table in tables:
+        console.print(table)
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False)
+    log_to_run_file(*tables, *lines)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -102,6 +105,7 @@ def train(cfg: DictConfig) -> float | None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 @report_errors
 def main(cfg: DictConfig) -> float | None:
+    pass_lightning_messages_to_run_log()
     return train(cfg)
 
 
