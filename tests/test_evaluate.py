@@ -197,6 +197,8 @@ def test_evaluate_reports_dpdd_indoor_outdoor_and_combined(tmp_path):
     indoor = np.mean([float(r["psnr"]) for r in rows if r["group"] == "indoor"])
     assert summary["summary"]["indoor"]["psnr"] == pytest.approx(indoor)
     assert "indoor" in result.stdout and "combined" in result.stdout
+    run_log = (tmp_path / "eval" / "evaluate.log").read_text()
+    assert "│ combined │     76 │" in run_log and f"Results: {tmp_path}/eval/summary.md" in run_log
 
 
 @pytest.mark.parametrize("bit_depth", [8, 16])

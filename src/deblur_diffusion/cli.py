@@ -33,12 +33,13 @@ RUN_LOG = logging.getLogger("deblur_diffusion")
 RUN_LOG.addHandler(logging.NullHandler())
 
 
-def log_to_run_file(*renderables: RenderableType) -> None:
-    """Writes what the console showed (Rich tables, lines) as plain text into the run's log file."""
+def show(console: Console, *renderables: RenderableType) -> None:
+    """Prints a run's closing report (tables, lines) and writes it as plain text into the run's log file."""
     buffer = io.StringIO()
-    console = Console(file=buffer, width=120, color_system=None, soft_wrap=True)
+    plain = Console(file=buffer, width=120, color_system=None)
     for renderable in renderables:
-        console.print(renderable, highlight=False)
+        console.print(renderable, soft_wrap=True, highlight=False)
+        plain.print(renderable, soft_wrap=True, highlight=False)
     RUN_LOG.info("\n%s", buffer.getvalue().rstrip())
 
 

@@ -25,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
+from rich.text import Text
 
-from deblur_diffusion.cli import config_dir, log_to_run_file, report_errors, require_complete
+from deblur_diffusion.cli import config_dir, report_errors, require_complete, show
 from deblur_diffusion.data.folders import DPDD, PairedFiles, RealBlur
 from deblur_diffusion.data.io import image_bit_depth, write_image
 from deblur_diffusion.data.patches import WholeImages
@@ -158,13 +159,9 @@ def evaluate(cfg: DictConfig) -> dict:
 
     summary = summarise(rows, protocol)
     write_results(output_dir, rows, summary, protocol, cfg, lpips_note)
-    table = summary_table(summary, f"{protocol} protocol on {source.describe()}")
-    lines = [f"LPIPS not reported: {lpips_note}"] if lpips_note else []
-    lines.append(f"Results: {output_dir}/summary.md, summary.json, per_image.csv")
-    console.print(table)
-    for line in lines:
-        console.print(line, soft_wrap=True, highlight=False, style="yellow" if line.startswith("LPIPS") else None)
-    log_to_run_file(table, *lines)
+    lpips_line = [Text(f"LPIPS not reported: {lpips_note}", style="yellow")] if lpips_note else []
+    show(console, summary_table(summary, f"{protocol} protocol on {source.describe()}"), *lpips_line,
+         f"Results: {output_dir}/summary.md, summary.json, per_image.csv")
     return summary
 
 

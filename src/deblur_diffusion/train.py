@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from deblur_diffusion.cli import config_dir, log_to_run_file, pass_lightning_messages_to_run_log, report_errors, require_complete
+from deblur_diffusion.cli import config_dir, pass_lightning_messages_to_run_log, report_errors, require_complete, show
 from deblur_diffusion.errors import ConfigError
 
 
@@ -54,11 +54,7 @@ def report(console: Console, output_dir: Path, tables: list[Table], best_checkpo
     samples = output_dir / "samples" / "latest.png"
     if samples.is_file():
         lines.append(f"  blurry | restored | sharp: {samples}")
-    for table in tables:
-        console.print(table)
-    for line in lines:
-        console.print(line, soft_wrap=True, highlight=False)
-    log_to_run_file(*tables, *lines)
+    show(console, *tables, *lines)
 
 
 def train(cfg: DictConfig) -> float | None:
