@@ -99,6 +99,8 @@ def test_optuna_search_runs_two_trials_and_reports_the_best(tmp_path):
     results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     trials = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert trials == ["0", "1"]
+    for trial in trials:
+        assert (tmp_path / "sweep" / trial / "train.log").read_text().count("`Trainer.fit` stopped") == 1, f"trial {trial}'s log"
     values = [last_validation(tmp_path / "sweep" / t)["val/psnr"] for t in trials]
     assert results["best_value"] == pytest.approx(max(values), abs=1e-4)
     assert set(results["best_params"]) == {"model.optimizer.lr", "model.optimizer.weight_decay", "sweep.patch_size"}

@@ -45,11 +45,15 @@ def show(console: Console, *renderables: RenderableType) -> None:
 
 def pass_lightning_messages_to_run_log() -> None:
     """Lightning, imported before Hydra configures logging, prints its messages through its own
-    console handlers and stops them there; this gives them the run's log file as well."""
+    console handlers and stops them there; this gives them the current run's log file as well.
+    The previous job's file is taken off first: in a sweep, every job has its own log."""
     run_files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
     for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)
         for handler in run_files:
-            logging.getLogger(name).addHandler(handler)
+            logger.addHandler(handler)
 
 
 def config_dir() -> str:
