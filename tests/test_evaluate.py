@@ -189,7 +189,7 @@ def test_evaluate_reports_dpdd_indoor_outdoor_and_combined(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["protocol"] == "dpdd"
+    assert summary["protocol"] == "dpdd_single"
     assert {g: v["images"] for g, v in summary["summary"].items()} == {"indoor": 37, "outdoor": 39, "combined": 76}
     with open(tmp_path / "eval" / "per_image.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -207,7 +207,7 @@ def test_evaluate_on_a_synthesized_folder_scores_like_scikit_image(tmp_path, bit
     assert run_cli("data.synthesize", f"out={tmp_path}/GoPro", "train_pairs=1", "test_pairs=3", "image_size=32",
                    f"bit_depth={bit_depth}", cwd=tmp_path).returncode == 0
     result = run_cli(
-        "evaluate", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, "data=gopro", f"paths.data_dir={tmp_path}", "save_images=true",
+        "evaluate", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, "data=gopro", "protocol=standard", f"paths.data_dir={tmp_path}", "save_images=true",
         "inference=tiles", "inference.tile_size=16", "inference.stride=12", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -37,11 +37,11 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def official_state_dict(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
     """The weights of an official release file (``{'params': ...}`` or ``{'params_ema': ...}``, or
-    a bare state dict)."""
+    a bare state dict); ``params_ema`` when present unless ``ema=False``."""
     checkpoint = read_checkpoint(path)
-    for key in OFFICIAL_PARAM_KEYS:
+    for key in OFFICIAL_PARAM_KEYS if ema else OFFICIAL_PARAM_KEYS[1:]:
         if key in checkpoint:
             return checkpoint[key]
     if all(isinstance(value, torch.Tensor) for value in checkpoint.values()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import logging
@@ -12,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console, RenderableType
 from rich.text import Text
 
@@ -76,6 +78,21 @@ def require_complete(cfg: DictConfig, unused: tuple[str, ...] = ()) -> None:
             "missing required config value(s): " + ", ".join(missing) + ". Set them on the command line, e.g. "
             + " ".join(f"{key}=..." for key in missing)
         )
+
+
+def split_datamodule(cfg: DictConfig, split: str, **data_overrides):
+    """The DataModule of ``cfg.data`` with only ``split`` built (the other splits may be incomplete
+    or absent): how ``evaluate`` and ``generate_prior`` read pairs exactly as validation does.
+    ``data_overrides`` replace keys of ``cfg.data`` before its interpolations are resolved."""
+    if cfg.data.get(split) is None:
+        raise ConfigError(f"the data config has no {split} split (data.{split} is null); try split=val")
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.data.merge_with(data_overrides)
+    # Resolved first: a split may be an interpolation of another (GoPro's test is its val).
+    resolved = OmegaConf.to_container(cfg.data, resolve=True)
+    resolved.update({other: None for other in ("train", "val", "test") if other != split})
+    return instantiate(OmegaConf.create(resolved))
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
 
-from deblur_diffusion.cli import config_dir, report_errors, require_complete
+from deblur_diffusion.cli import config_dir, report_errors, require_complete, split_datamodule
 from deblur_diffusion.data.io import list_images, read_image, write_image
 from deblur_diffusion.data.patches import WholeImages, to_tensor
 from deblur_diffusion.data.priors import prior_path, require_fixed_pairs
@@ -41,9 +41,8 @@ def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Ten
         if not files:
             raise ConfigError(f"input {cfg.input} is not a folder of images")
         return [f.stem for f in files], lambda index: to_tensor(read_image(files[index])), Path(cfg.out)
-    if cfg.data.get(cfg.split) is None:
-        raise ConfigError(f"the data config has no {cfg.split} split (data.{cfg.split} is null)")
-    source = instantiate(cfg.data[cfg.split])
+    # The pairs as training and evaluation read them (views, bit depth), without the priors being written.
+    source = split_datamodule(cfg, cfg.split, prior_dir=None).pairs(cfg.split)
     require_fixed_pairs(source)
     pairs = WholeImages(source)
     names = [source.name(index) for index in range(len(source))]

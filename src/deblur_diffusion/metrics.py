@@ -1,24 +1,32 @@
-"""Image-quality metrics and the papers' evaluation protocols.
+"""Image-quality metrics, one function per definition that the papers' evaluation code uses.
 
-PSNR, SSIM and MAE are computed per image in float64 on (B, C, H, W) tensors in [0, 1].
-SSIM is Wang et al.'s with an 11-tap Gaussian window (sigma 1.5), population covariances and the
-window's border cropped, i.e. scikit-image's ``structural_similarity(gaussian_weights=True,
-sigma=1.5, use_sample_covariance=False, data_range=1)`` and MATLAB's ``ssim``. It is written out
+:func:`psnr`, :func:`ssim` and :func:`mae` are computed per image in float64 on (B, C, H, W)
+tensors in [0, 1]. :func:`ssim` is Wang et al.'s with an 11-tap Gaussian window (sigma 1.5),
+population covariances and the window's border cropped, per channel: scikit-image's
+``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+data_range=1)``, which RealBlur's evaluation and BasicSR-style validation use. It is written out
 here because torchmetrics' SSIM pads and crops differently and disagrees with it by about 3e-4.
 A valid convolution gives exactly the values scikit-image keeps after cropping its border.
 
+:func:`matlab_ssim` and :func:`matlab_psnr` are MATLAB's ``ssim`` and ``psnr`` on uint8 H x W x 3
+arrays, as ``evaluate_gopro_hide.m`` calls them: MATLAB treats such an array as a volume.
+
 RealBlur (Rim et al.) first matches the restored image's intensity to the target, aligns it with
 ECC (homography) and scores only the pixels the warp covers: :func:`align_realblur`.
+
+The protocols that combine these per table are in :mod:`deblur_diffusion.protocols`.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from skimage.metrics import structural_similarity
 
 from deblur_diffusion.errors import DeblurError
 
@@ -105,6 +113,71 @@ def ssim(
     return per_channel.mean(dim=1)
 
 
+# MATLAB's ssim (Image Processing Toolbox, R2014a and later): a Gaussian weighting window of
+# sigma 1.5 and size 2 * ceil(3 * sigma) + 1 in every dimension of the input, so 11 x 11 x 11 for
+# an H x W x 3 array; 'replicate' padding, so the map has the image's size; C1 = (0.01 L)^2 and
+# C2 = (0.03 L)^2 with L the dynamic range of the class (255 for uint8); the result is the map's mean.
+MATLAB_SSIM_SIGMA = 1.5
+MATLAB_SSIM_RADIUS = math.ceil(3 * MATLAB_SSIM_SIGMA)
+UINT8_RANGE = 255.0
+
+
+def _matlab_gaussian(device: torch.device) -> torch.Tensor:
+    offsets = torch.arange(-MATLAB_SSIM_RADIUS, MATLAB_SSIM_RADIUS + 1, dtype=torch.float64, device=device)
+    profile = torch.exp(-(offsets**2) / (2 * MATLAB_SSIM_SIGMA**2))
+    # The 3-D kernel is the outer product of three such profiles normalised to sum 1, which is the
+    # product of the normalised profiles: filter one axis at a time.
+    return profile / profile.sum()
+
+
+def _replicate_blur_3d(volume: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+    """Gaussian filter of a (1, 1, D, H, W) volume with replicated borders on all three axes."""
+    r = MATLAB_SSIM_RADIUS
+    padded = F.pad(volume, (r, r, r, r, r, r), mode="replicate")
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = -1
+        padded = F.conv3d(padded, profile.view(shape))
+    return padded
+
+
+def matlab_ssim(restored: np.ndarray, target: np.ndarray) -> float:
+    """MATLAB's ``ssim(restored, target)`` on two uint8 H x W x 3 arrays (one volume, 3-D window)."""
+    if restored.dtype != np.uint8 or target.dtype != np.uint8:
+        raise TypeError(f"matlab_ssim scores uint8 images, got {restored.dtype} and {target.dtype}")
+    x = torch.from_numpy(restored.transpose(2, 0, 1).astype(np.float64))[None, None]
+    y = torch.from_numpy(target.transpose(2, 0, 1).astype(np.float64))[None, None]
+    profile = _matlab_gaussian(x.device)
+    mu_x, mu_y = _replicate_blur_3d(x, profile), _replicate_blur_3d(y, profile)
+    var_x = _replicate_blur_3d(x * x, profile) - mu_x**2
+    var_y = _replicate_blur_3d(y * y, profile) - mu_y**2
+    covariance = _replicate_blur_3d(x * y, profile) - mu_x * mu_y
+    c1, c2 = (0.01 * UINT8_RANGE) ** 2, (0.03 * UINT8_RANGE) ** 2
+    ssim_values = ((2 * mu_x * mu_y + c1) * (2 * covariance + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_values.mean().item()
+
+
+def matlab_psnr(restored: np.ndarray, target: np.ndarray) -> float:
+    """MATLAB's ``psnr(restored, target)`` on two uint8 arrays: peak 255, squared error in double."""
+    error = np.mean((restored.astype(np.float64) - target.astype(np.float64)) ** 2)
+    return float(10 * np.log10(UINT8_RANGE**2 / error))
+
+
+def dpdd_psnr(restored: np.ndarray, target: np.ndarray) -> float:
+    """PSNR as Restormer's ``Defocus_Deblurring/utils.py`` computes it: the mean squared error of
+    the float32 arrays in float32 (NumPy's mean), 100 for identical images."""
+    error = np.mean((target.astype(np.float32) - restored.astype(np.float32)) ** 2)
+    return 100.0 if error == 0 else 10 * math.log10(1 / float(error))
+
+
+def dpdd_ssim(restored: np.ndarray, target: np.ndarray) -> float:
+    """SSIM as Restormer's ``Defocus_Deblurring/utils.py`` calls it: scikit-image's
+    ``structural_similarity(target, restored, data_range=1)`` over the channel axis with its
+    defaults (7 x 7 uniform window, sample covariance, border cropped, channels averaged), on the
+    float32 arrays (scikit-image then computes in float32)."""
+    return float(structural_similarity(target.astype(np.float32), restored.astype(np.float32), data_range=1, channel_axis=2))
+
+
 def align_realblur(restored: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """RealBlur's alignment of a restored H x W x 3 float image to its target.
 
@@ -145,6 +218,9 @@ class LPIPSUnavailable(DeblurError):
 class LPIPS:
     """LPIPS (AlexNet) from the ``lpips`` package, on [0, 1] images; loaded on first use.
 
+    Called as the official DPDD tests call it, ``LPIPS(net='alex')(target, restored, normalize=True)``
+    on the clamped float output.
+
     The package ships its linear layers but takes the AlexNet backbone from torchvision's cache
     (``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth``); without it and offline, using the
     metric raises :class:`LPIPSUnavailable` with that path.
@@ -169,7 +245,7 @@ class LPIPS:
     def __call__(self, restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self._model is None:
             self._model = self._load()
-        distance = self._model(restored.float().to(self.device) * 2 - 1, target.float().to(self.device) * 2 - 1)
+        distance = self._model(target.float().to(self.device), restored.float().to(self.device), normalize=True)
         return distance.flatten().double().cpu()
 
 

@@ -7,7 +7,7 @@
 Three kinds of weights load through :func:`load_network`:
 
 * a Lightning checkpoint of this project (``.ckpt``): the network's config travels inside it; the
-  EMA weights are used when the run kept them;
+  EMA weights are used when the run kept them (``ema=False``: the raw weights);
 * an export folder of ``python -m deblur_diffusion.export`` (``model.safetensors`` + ``config.yaml``);
 * the official release files (``.pth`` holding ``{'params': ...}``), which carry no config: pass the
   network's config (e.g. the ``net`` node of ``conf/model/restormer.yaml``). Models made of several
@@ -61,7 +61,7 @@ def _build(net_config: Mapping, source: str) -> nn.Module:
     return instantiate(OmegaConf.create(dict(net_config)), _convert_="all")
 
 
-def _lightning_network(path: Path) -> LoadedNetwork:
+def _lightning_network(path: Path, ema: bool) -> LoadedNetwork:
     checkpoint = read_checkpoint(path)
     config = checkpoint.get("deblur_diffusion_config")
     if "state_dict" not in checkpoint or not config:
@@ -69,7 +69,7 @@ def _lightning_network(path: Path) -> LoadedNetwork:
     net_config = config["model"]["net"]
     net = _build(net_config, str(path))
     state = checkpoint["state_dict"]
-    prefix = "ema.module." if any(key.startswith("ema.module.") for key in state) else "net."
+    prefix = "ema.module." if ema and any(key.startswith("ema.module.") for key in state) else "net."
     weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     load_weights(net, weights, f"{path} ({prefix[:-1]})")
     return LoadedNetwork(net, net_config, config.get("inference", {}), str(path))
@@ -87,7 +87,7 @@ def _exported_network(path: Path) -> LoadedNetwork:
     return LoadedNetwork(net, config["net"], config.get("inference", {}), str(folder))
 
 
-def _official_network(files: str | Path | Mapping[str, str], net_config: Mapping | None) -> LoadedNetwork:
+def _official_network(files: str | Path | Mapping[str, str], net_config: Mapping | None, ema: bool) -> LoadedNetwork:
     source = str(dict(files)) if isinstance(files, Mapping) else str(files)
     if net_config is None:
         raise CheckpointError(
@@ -98,24 +98,26 @@ def _official_network(files: str | Path | Mapping[str, str], net_config: Mapping
     if isinstance(files, Mapping):
         for part, file in files.items():
             module = net.get_submodule(part) if part else net
-            load_weights(module, official_state_dict(file), f"{file} (as {part})")
+            load_weights(module, official_state_dict(file, ema), f"{file} (as {part})")
     else:
-        load_weights(net, official_state_dict(files), str(files))
+        load_weights(net, official_state_dict(files, ema), str(files))
     return LoadedNetwork(net, _as_dict(net_config), {}, source)
 
 
-def load_network(weights: str | Path | Mapping[str, str], net_config: Mapping | None = None) -> LoadedNetwork:
-    """The network stored in ``weights`` (see the module docstring for the accepted kinds)."""
+def load_network(weights: str | Path | Mapping[str, str], net_config: Mapping | None = None, ema: bool = True) -> LoadedNetwork:
+    """The network stored in ``weights`` (see the module docstring for the accepted kinds); the EMA
+    weights where the file holds them, unless ``ema=False`` (the released Swintormer test scores the
+    raw ``params``)."""
     if isinstance(weights, Mapping):
-        return _official_network(weights, net_config)
+        return _official_network(weights, net_config, ema)
     path = Path(weights)
     if path.is_dir() or path.suffix == ".safetensors":
         return _exported_network(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".ckpt":
-        return _lightning_network(path)
-    return _official_network(path, net_config)
+        return _lightning_network(path, ema)
+    return _official_network(path, net_config, ema)
 
 
 def network_input_channels(net: nn.Module) -> int:
@@ -208,10 +210,10 @@ def weights_and_architecture(cfg: DictConfig) -> tuple[str | dict, dict | None]:
 
 
 def restorer_from_config(cfg: DictConfig) -> Restorer:
-    """The entry points' model: ``cfg.ckpt`` (with ``cfg.model`` for official files), ``cfg.inference``,
-    ``cfg.device`` and, for diffusion models, ``cfg.seed`` as the starting-noise seed."""
+    """The entry points' model: ``cfg.ckpt`` (with ``cfg.model`` for official files), ``cfg.ema``,
+    ``cfg.inference``, ``cfg.device`` and, for diffusion models, ``cfg.seed`` as the starting-noise seed."""
     weights, net_config = weights_and_architecture(cfg)
-    loaded = load_network(weights, net_config)
+    loaded = load_network(weights, net_config, ema=bool(cfg.get("ema", True)))
     if cfg.get("seed") is not None and hasattr(loaded.net, "noise_seed"):
         loaded.net.noise_seed = int(cfg.seed)
     inference = instantiate(cfg.inference)

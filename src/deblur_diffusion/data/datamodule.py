@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from deblur_diffusion.data.priors import WithPrior
 from deblur_diffusion.data.schedule import ProgressiveBatchSampler, ProgressiveSchedule
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import ConfigError
+from deblur_diffusion.protocols import get_protocol
 
 
 class ShardSampler(Sampler[int]):
@@ -48,6 +50,8 @@ class DeblurDataModule(L.LightningDataModule):
         seed: seeds the sampling order, crops and augmentations.
         prior_dir: a folder of precomputed diffusion priors (``<prior_dir>/<split>/<pair name>.png``,
             written by ``generate_prior``), appended to the input channels.
+        protocol: the evaluation protocol of the dataset's paper tables
+            (:mod:`deblur_diffusion.protocols`), used by ``evaluate``.
     """
 
     def __init__(
@@ -64,8 +68,10 @@ class DeblurDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         seed: int = 0,
         prior_dir: str | None = None,
+        protocol: str = "standard",
     ):
         super().__init__()
+        self.protocol = get_protocol(protocol).name
         self.sources = {"train": train, "val": val, "test": test}
         if prior_dir is not None:
             self.sources = {
@@ -85,6 +91,10 @@ class DeblurDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
+
+    def pairs(self, split: str) -> PairSource:
+        """The checked pair source of a split, priors included: what validation and evaluation read."""
+        return self._require(split)
 
     def _require(self, split: str) -> PairSource:
         source = self.sources[split]
@@ -121,6 +131,14 @@ class DeblurDataModule(L.LightningDataModule):
         dataset = WholeImages(self._require(split))
         rank, world_size = self._rank_and_world_size()
         return DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), rank, world_size), **self._loader_options())
+
+    def evaluation_dataloader(self, split: str) -> DataLoader:
+        """Whole images of ``split`` in order, loaded ahead by the workers (``evaluate``); no more
+        workers than images or CPU cores."""
+        dataset = WholeImages(self._require(split))
+        workers = min(self.num_workers, len(dataset), os.cpu_count() or 1)
+        options = self._loader_options() | {"num_workers": workers, "persistent_workers": False}
+        return DataLoader(dataset, batch_size=1, shuffle=False, **options)
 
     def val_dataloader(self) -> DataLoader:
         return self._whole_image_loader("val")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deblur_diffusion.data.io import image_size, list_images, read_image
+from deblur_diffusion.data.io import image_bit_depth, image_size, list_images, read_image
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import DatasetLayoutError, ImageReadError, PairMismatchError
 
@@ -65,6 +65,8 @@ class PairedFiles(PairSource):
         names: a unique name per pair (defaults to the target file stem).
         dataset: the dataset's name, for error messages.
         verify_sizes: read every header now and reject pairs whose sizes differ.
+        read_8bit: decode every file as ``cv2.imread(path)`` does (16-bit files become 8-bit), as
+            Restormer's single-image DPDD code reads its data.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class PairedFiles(PairSource):
         names: Sequence[str] | None = None,
         dataset: str = "folder",
         verify_sizes: bool = True,
+        read_8bit: bool = False,
     ):
         if len(inputs) != len(targets):
             raise PairMismatchError(f"{dataset}: {len(inputs)} inputs but {len(targets)} targets")
@@ -88,6 +91,7 @@ class PairedFiles(PairSource):
         if len(set(self.names)) != len(self.names):
             raise PairMismatchError(f"{dataset}: pair names are not unique; use a layout that keeps scene folders")
         self.dataset = dataset
+        self.read_8bit = read_8bit
         self.in_channels = 3 * views.pop()
         self._check_files_exist()
         if verify_sizes:
@@ -117,12 +121,18 @@ class PairedFiles(PairSource):
     def name(self, index: int) -> str:
         return self.names[index]
 
+    def bit_depth(self, index: int) -> int:
+        return 8 if self.read_8bit else image_bit_depth(self.inputs[index][0])
+
+    def file_suffix(self, index: int) -> str:
+        return self.inputs[index][0].suffix
+
     def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         target_path = self.targets[index]
-        gt = read_image(target_path)
+        gt = read_image(target_path, self.read_8bit)
         views = []
         for path in self.inputs[index]:
-            view = read_image(path)
+            view = read_image(path, self.read_8bit)
             if view.shape != gt.shape:
                 raise PairMismatchError(
                     f"{self.dataset}: input {path} is {view.shape[0]}x{view.shape[1]} but its target {target_path} "
@@ -133,7 +143,8 @@ class PairedFiles(PairSource):
         return lq, gt
 
     def describe(self) -> str:
-        return f"{self.dataset}: {len(self)} pairs, {self.in_channels} input channels"
+        read = ", read as 8-bit" if self.read_8bit else ""
+        return f"{self.dataset}: {len(self)} pairs, {self.in_channels} input channels{read}"
 
 
 class FolderPairs(PairedFiles):
@@ -252,21 +263,28 @@ class HIDE(PairedFiles):
         super().__init__([[i] for i, _ in pairs], [t for _, t in pairs], dataset=self.dataset, verify_sizes=verify_sizes)
 
 
-class RealBlur(PairListFile):
-    """RealBlur-J or -R (Rim et al.) from the official pair lists, e.g. ``RealBlur_J_test_list.txt``,
-    whose lines read ``<gt path> <blur path>`` relative to ``root``."""
+class RealBlur(PairedFiles):
+    """RealBlur-J or -R (Rim et al.).
+
+    Either the official pair lists, e.g. ``root/RealBlur_J_test_list.txt`` whose lines read
+    ``<gt path> <blur path>`` relative to ``root``, or the folders that Restormer's and HI-Diff's
+    test instructions use, ``root/<split>/RealBlur_J/{input,target}/*.png``.
+    """
 
     def __init__(self, root: str | Path, variant: str = "J", split: str = "train", verify_sizes: bool = True):
         if variant not in ("J", "R"):
             raise ValueError(f"RealBlur variant must be 'J' or 'R', got {variant!r}")
         root = Path(root)
-        super().__init__(
-            root / f"RealBlur_{variant}_{split}_list.txt",
-            root,
-            columns=("target", "input"),
-            dataset=f"RealBlur-{variant}",
-            verify_sizes=verify_sizes,
-        )
+        dataset = f"RealBlur-{variant}"
+        list_file = root / f"RealBlur_{variant}_{split}_list.txt"
+        relaid = root / split / f"RealBlur_{variant}"
+        if not list_file.is_file() and relaid.is_dir():
+            layout = f"  {relaid}/input/*.png and {relaid}/target/*.png"
+            pairs = _paired_folders(relaid / "input", relaid / "target", dataset, layout)
+            super().__init__([[i] for i, _ in pairs], [t for _, t in pairs], dataset=dataset, verify_sizes=verify_sizes)
+            return
+        listed = PairListFile(list_file, root, columns=("target", "input"), dataset=dataset, verify_sizes=verify_sizes)
+        super().__init__(listed.inputs, listed.targets, listed.names, dataset=dataset, verify_sizes=False)
 
 
 DPDD_VIEWS = {"c": "combined", "l": "left", "r": "right"}
@@ -275,30 +293,45 @@ DPDD_VIEWS = {"c": "combined", "l": "left", "r": "right"}
 class DPDD(PairedFiles):
     """Canon DPDD (Abuolaim and Brown), 16-bit PNGs.
 
-    Layout: ``root/<split>_c/{source,target}``, ``root/<split>_l/source``, ``root/<split>_r/source``.
-    ``views`` chooses the input: ``["c"]`` for single-image defocus deblurring, ``["l", "r"]`` (or
-    ``["r", "l"]``) for dual-pixel, whose views are concatenated in that order into 6 channels.
+    Layouts: the original ``root/<split>_c/{source,target}``, ``root/<split>_l/source``,
+    ``root/<split>_r/source``, or the re-laid ``root/<split>/{inputC,inputL,inputR,target}`` of
+    Restormer's and Swintormer's scripts. ``views`` chooses the input: ``["c"]`` for single-image
+    defocus deblurring, ``["l", "r"]`` (or ``["r", "l"]``) for dual-pixel, whose views are
+    concatenated in that order into 6 channels. ``read_8bit`` reads as Restormer's single-image code
+    does (``cv2.imread(path)``: 8 bits).
     """
 
     dataset = "DPDD"
 
     def __init__(
-        self, root: str | Path, split: str = "train", views: Sequence[str] = ("c",), verify_sizes: bool = True
+        self,
+        root: str | Path,
+        split: str = "train",
+        views: Sequence[str] = ("c",),
+        verify_sizes: bool = True,
+        read_8bit: bool = False,
     ):
         root = Path(root)
         unknown = [v for v in views if v not in DPDD_VIEWS]
         if unknown or not views:
             raise ValueError(f"DPDD views must be a non-empty list of {list(DPDD_VIEWS)}, got {list(views)}")
+        relaid = root / split
+        if not (root / f"{split}_c").is_dir() and (relaid / "target").is_dir():
+            target_dir = relaid / "target"
+            view_dirs = {v: relaid / f"input{v.upper()}" for v in DPDD_VIEWS}
+        else:
+            target_dir = root / f"{split}_c" / "target"
+            view_dirs = {v: root / f"{split}_{v}" / "source" for v in DPDD_VIEWS}
         layout = "\n".join(
-            [f"  {root}/{split}_c/target/*.png   (sharp)"]
-            + [f"  {root}/{split}_{v}/source/*.png   ({DPDD_VIEWS[v]} view)" for v in ("c", "l", "r")]
+            [f"  {target_dir}/*.png   (sharp)"] + [f"  {view_dirs[v]}/*.png   ({DPDD_VIEWS[v]} view)" for v in DPDD_VIEWS]
+            + [f"or the re-laid {relaid}/{{inputC,inputL,inputR,target}}/*.png"]
         )
-        targets = _require_images(root / f"{split}_c" / "target", self.dataset, layout)
+        targets = _require_images(target_dir, self.dataset, layout)
         view_files = []
         for view in views:
-            pairs = _match_by_stem(
-                _require_images(root / f"{split}_{view}" / "source", self.dataset, layout), targets, self.dataset
-            )
+            pairs = _match_by_stem(_require_images(view_dirs[view], self.dataset, layout), targets, self.dataset)
             view_files.append([i for i, _ in pairs])
         inputs = [list(files) for files in zip(*view_files, strict=True)]
-        super().__init__(inputs, sorted(targets, key=lambda p: p.stem), dataset=self.dataset, verify_sizes=verify_sizes)
+        super().__init__(
+            inputs, sorted(targets, key=lambda p: p.stem), dataset=self.dataset, verify_sizes=verify_sizes, read_8bit=read_8bit
+        )

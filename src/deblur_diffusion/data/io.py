@@ -3,6 +3,10 @@
 OpenCV decodes 16-bit RGB PNG and TIFF exactly (Pillow does not), so it is the reader. Every
 image comes out as H x W x 3 RGB: grayscale is repeated over three channels and an alpha channel
 is dropped (blur datasets never use transparency).
+
+``as_8bit=True`` decodes as ``cv2.imread(path)`` does with its default flag: a 16-bit file comes out
+as 8 bits (for PNG, the high byte of each value). Restormer's single-image DPDD code reads the
+16-bit dataset that way, for training and testing, so its numbers are made on 8-bit images.
 """
 
 from __future__ import annotations
@@ -29,14 +33,15 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
-def read_image_raw(path: str | Path) -> np.ndarray:
-    """Decodes an image as stored: H x W x C in RGB order with its own dtype (uint8 or uint16)."""
+def read_image_raw(path: str | Path, as_8bit: bool = False) -> np.ndarray:
+    """Decodes an image as stored: H x W x 3 in RGB order with its own dtype (uint8 or uint16), or
+    with ``as_8bit`` always uint8, converted as OpenCV's default ``imread`` flag converts."""
     path = Path(path)
     try:
         encoded = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
         raise ImageReadError(f"cannot read image {path}: {err.strerror or err}") from err
-    image = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED) if encoded.size else None
+    image = cv2.imdecode(encoded, cv2.IMREAD_COLOR if as_8bit else cv2.IMREAD_UNCHANGED) if encoded.size else None
     if image is None:
         raise ImageReadError(f"cannot decode image {path}: the file is empty, truncated or not an image")
     if image.dtype not in _MAX_VALUE:
@@ -51,14 +56,24 @@ def read_image_raw(path: str | Path) -> np.ndarray:
     raise ImageReadError(f"unsupported channel count {channels} in {path}: expected 1 (gray), 3 (RGB) or 4 (RGBA)")
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Reads an image as float32 H x W x 3 RGB in [0, 1] (8 and 16-bit alike)."""
-    raw = read_image_raw(path)
+def read_image(path: str | Path, as_8bit: bool = False) -> np.ndarray:
+    """Reads an image as float32 H x W x 3 RGB in [0, 1] (8 and 16-bit alike; see ``as_8bit``)."""
+    raw = read_image_raw(path, as_8bit)
     return raw.astype(np.float32) / _MAX_VALUE[raw.dtype]
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The IHDR chunk comes first: signature (8), length (4), type (4), width (4), height (4), bit depth (1).
+_PNG_BIT_DEPTH_OFFSET = 24
+
+
 def image_bit_depth(path: str | Path) -> int:
-    """8 or 16: the bit depth an image is stored with (decodes it)."""
+    """8 or 16: the bit depth an image is stored with (a PNG's header; other formats are decoded)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        header = handle.read(_PNG_BIT_DEPTH_OFFSET + 1)
+    if header.startswith(_PNG_SIGNATURE) and len(header) > _PNG_BIT_DEPTH_OFFSET:
+        return 16 if header[_PNG_BIT_DEPTH_OFFSET] == 16 else 8
     return 16 if read_image_raw(path).dtype == np.uint16 else 8
 
 

@@ -109,4 +109,4 @@ class WholeImages(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         lq, gt = load_checked(self.source, index, np.random.default_rng(index))
-        return {"lq": to_tensor(lq), "gt": to_tensor(gt), "name": self.source.name(index)}
+        return {"lq": to_tensor(lq), "gt": to_tensor(gt), "name": self.source.name(index), "index": index}

@@ -45,6 +45,12 @@ class WithPrior(PairSource):
     def name(self, index: int) -> str:
         return self.source.name(index)
 
+    def bit_depth(self, index: int) -> int:
+        return self.source.bit_depth(index)
+
+    def file_suffix(self, index: int) -> str:
+        return self.source.file_suffix(index)
+
     def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         lq, gt = self.source.load(index, rng)
         path = prior_path(self.prior_dir, self.name(index))

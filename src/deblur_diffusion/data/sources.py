@@ -33,6 +33,14 @@ class PairSource(ABC):
     def describe(self) -> str:
         return f"{type(self).__name__} with {len(self)} pairs"
 
+    def bit_depth(self, index: int) -> int:
+        """The bit depth the pair's input is read with (what a restored image is saved and scored with)."""
+        return 8
+
+    def file_suffix(self, index: int) -> str:
+        """The file extension a restored image of the pair is saved with."""
+        return ".png"
+
     def verify(self) -> None:
         """Raises a clear error when the source cannot be read; called when its split is first used,
         so that a split the run does not use (``test=false``) may be incomplete."""

@@ -1,0 +1,95 @@
+"""Which images got better or worse between two evaluations:
+``python -m deblur_diffusion.compare BASELINE CANDIDATE [--top N]``.
+
+Each argument is an evaluation folder (holding ``per_image.csv``) or the CSV file itself. Images are
+matched by name; the table gives, per metric, the mean change and how many images improved or got
+worse, then the images whose PSNR changed most in each direction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.table import Table
+
+from deblur_diffusion.errors import DeblurError
+
+PER_IMAGE = "per_image.csv"
+# Metrics where a lower value is better.
+LOWER_IS_BETTER = ("mae", "lpips")
+RESTORED_METRICS = ("psnr", "ssim", "mae", "lpips")
+
+
+def read_per_image(path: Path) -> dict[str, dict[str, float]]:
+    """``{image name: {metric: value}}`` from an evaluation folder or its ``per_image.csv``."""
+    csv_file = path / PER_IMAGE if path.is_dir() else path
+    if not csv_file.is_file():
+        raise DeblurError(f"{csv_file} not found: give an evaluation folder (with {PER_IMAGE}) or the CSV file")
+    with open(csv_file, newline="") as handle:
+        reader = csv.DictReader(handle)
+        metrics = [m for m in RESTORED_METRICS if m in (reader.fieldnames or [])]
+        if "name" not in (reader.fieldnames or []) or not metrics:
+            raise DeblurError(f"{csv_file} is not a per_image.csv written by evaluate (columns: {reader.fieldnames})")
+        return {row["name"]: {m: float(row[m]) for m in metrics} for row in reader}
+
+
+def compare_runs(baseline: Path, candidate: Path, top: int = 5) -> Group:
+    """A report of ``candidate`` against ``baseline`` (both as for :func:`read_per_image`)."""
+    before, after = read_per_image(Path(baseline)), read_per_image(Path(candidate))
+    shared = sorted(set(before) & set(after))
+    if not shared:
+        raise DeblurError(f"{baseline} and {candidate} have no image names in common")
+    metrics = [m for m in RESTORED_METRICS if m in before[shared[0]] and m in after[shared[0]]]
+    overview = Table(title=f"{candidate} against {baseline}: {len(shared)} images in both")
+    for column in ("metric", "baseline", "candidate", "mean change", "better", "worse", "same"):
+        overview.add_column(column, justify="left" if column == "metric" else "right")
+    for metric in metrics:
+        changes = [after[n][metric] - before[n][metric] for n in shared]
+        sign = -1 if metric in LOWER_IS_BETTER else 1
+        better = sum(sign * c > 0 for c in changes)
+        worse = sum(sign * c < 0 for c in changes)
+        overview.add_row(
+            metric,
+            f"{sum(before[n][metric] for n in shared) / len(shared):.4f}",
+            f"{sum(after[n][metric] for n in shared) / len(shared):.4f}",
+            f"{sum(changes) / len(changes):+.4f}",
+            str(better),
+            str(worse),
+            str(len(changes) - better - worse),
+        )
+    change = {n: after[n]["psnr"] - before[n]["psnr"] for n in shared}
+    improved = sorted((n for n in shared if change[n] > 0), key=change.get, reverse=True)[:top]
+    worsened = sorted((n for n in shared if change[n] < 0), key=change.get)[:top]
+    extremes = Table(title=f"largest PSNR changes (up to {top} each way)")
+    for column in ("image", "baseline PSNR", "candidate PSNR", "change (dB)"):
+        extremes.add_column(column, justify="left" if column == "image" else "right")
+    for name in improved + worsened:
+        extremes.add_row(name, f"{before[name]['psnr']:.2f}", f"{after[name]['psnr']:.2f}", f"{change[name]:+.2f}")
+    notes = []
+    only = sorted(set(before) ^ set(after))
+    if only:
+        notes.append(f"{len(only)} images are in one run only, e.g. {only[:3]}")
+    return Group(overview, extremes, *notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deblur_diffusion.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("baseline", type=Path, help="evaluation folder or per_image.csv")
+    parser.add_argument("candidate", type=Path, help="evaluation folder or per_image.csv")
+    parser.add_argument("--top", type=int, default=5, help="images listed in each direction (default 5)")
+    args = parser.parse_args(argv)
+    try:
+        report = compare_runs(args.baseline, args.candidate, args.top)
+    except DeblurError as error:
+        Console(stderr=True).print(f"[bold red]error:[/] {error}")
+        return 1
+    Console().print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
