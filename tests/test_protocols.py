@@ -270,3 +270,29 @@ def test_compare_lists_better_and_worse_images(tmp_path, capsys):
     assert [cell.strip() for cell in psnr_cells[4:8]] == ["+0.0000", "1", "1", "1"]  # mean change, better, worse, same
     assert "img0" in out and "+1.00" in out and "img1" in out and "-1.00" in out
     assert compare_main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 1
+
+
+def official_grid_starts(length, size, stride=220):
+    """Swintormer's basicsr/test.py ``grid``: starts every ``stride``, the last one snapped to the border."""
+    step = length if length < size else stride
+    starts, i, last = [], 0, False
+    while i < length and not last:
+        if i + size >= length:
+            i, last = length - size, True
+        starts.append(i)
+        i += step
+    return starts
+
+
+@pytest.mark.parametrize("preset, tile", [("swintormer_release", 256), ("swintormer_paper", 512)])
+def test_swintormer_tile_presets_place_tiles_as_the_official_grid(preset, tile):
+    from hydra.utils import instantiate
+
+    from deblur_diffusion.inference.tiles import tile_starts
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"inference={preset}", "ckpt=x"])
+    inference = instantiate(cfg.inference)
+    assert (inference.mode, inference.tile_size, inference.stride) == ("tiles", tile, 220)
+    for length in (1120, 1680, 700):
+        assert tile_starts(length, inference.tile_size, inference.stride) == official_grid_starts(length, tile)

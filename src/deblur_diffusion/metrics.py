@@ -1,20 +1,21 @@
 """Image-quality metrics, one function per definition that the papers' evaluation code uses.
 
 :func:`psnr`, :func:`ssim` and :func:`mae` are computed per image in float64 on (B, C, H, W)
-tensors in [0, 1]. :func:`ssim` is Wang et al.'s with an 11-tap Gaussian window (sigma 1.5),
-population covariances and the window's border cropped, per channel: scikit-image's
-``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-data_range=1)``, which RealBlur's evaluation and BasicSR-style validation use. It is written out
-here because torchmetrics' SSIM pads and crops differently and disagrees with it by about 3e-4.
-A valid convolution gives exactly the values scikit-image keeps after cropping its border.
+tensors in [0, 1]; they are training's validation metrics and the ``standard`` protocol's.
+:func:`ssim` is Wang et al.'s with an 11-tap Gaussian window (sigma 1.5), population covariances
+and the window's border cropped, per channel: scikit-image's ``structural_similarity(
+gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)`` in float64. It is
+written out here because torchmetrics' SSIM pads and crops differently and disagrees with it by
+about 3e-4, and because it runs on the GPU during validation.
 
-:func:`matlab_ssim` and :func:`matlab_psnr` are MATLAB's ``ssim`` and ``psnr`` on uint8 H x W x 3
-arrays, as ``evaluate_gopro_hide.m`` calls them: MATLAB treats such an array as a volume.
+The official evaluation scripts' own definitions, for :mod:`deblur_diffusion.protocols`:
 
-RealBlur (Rim et al.) first matches the restored image's intensity to the target, aligns it with
-ECC (homography) and scores only the pixels the warp covers: :func:`align_realblur`.
-
-The protocols that combine these per table are in :mod:`deblur_diffusion.protocols`.
+* :func:`dpdd_psnr`, :func:`dpdd_ssim`: Restormer's ``Defocus_Deblurring/utils.py`` (float32 MSE;
+  scikit-image's default SSIM, 7 x 7 uniform window with sample covariance);
+* :func:`matlab_psnr`, :func:`matlab_ssim`: MATLAB's ``psnr`` and ``ssim`` on uint8 H x W x 3
+  arrays, as ``evaluate_gopro_hide.m`` calls them: MATLAB treats such an array as a volume;
+* :func:`align_realblur`, :func:`realblur_ssim` and the masked :func:`psnr`: RealBlur's
+  ``evaluate_realblur.py`` (intensity matching, ECC alignment, metrics over the warp's valid pixels).
 """
 
 from __future__ import annotations
@@ -71,11 +72,8 @@ def _gaussian_window(device: torch.device) -> torch.Tensor:
     return profile / profile.sum()
 
 
-def ssim_map(restored: torch.Tensor, target: torch.Tensor, sample_covariance: bool = False) -> torch.Tensor:
-    """The SSIM of every window fully inside the image: (B, C, H - 10, W - 10).
-
-    ``sample_covariance=True`` rescales the (co)variances by N / (N - 1), N = 121 window pixels,
-    as scikit-image does by default; the papers' SSIM (Wang et al., MATLAB) does not."""
+def ssim_map(restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The SSIM of every window fully inside the image: (B, C, H - 10, W - 10)."""
     x, y = restored.double(), target.double()
     channels = x.shape[1]
     profile = _gaussian_window(x.device)
@@ -89,28 +87,16 @@ def ssim_map(restored: torch.Tensor, target: torch.Tensor, sample_covariance: bo
     var_x = blur(x * x) - mu_x**2
     var_y = blur(y * y) - mu_y**2
     covariance = blur(x * y) - mu_x * mu_y
-    if sample_covariance:
-        pixels = (2 * SSIM_RADIUS + 1) ** 2
-        var_x, var_y, covariance = (v * pixels / (pixels - 1) for v in (var_x, var_y, covariance))
     numerator = (2 * mu_x * mu_y + SSIM_C1) * (2 * covariance + SSIM_C2)
     denominator = (mu_x**2 + mu_y**2 + SSIM_C1) * (var_x + var_y + SSIM_C2)
     return numerator / denominator
 
 
-def ssim(
-    restored: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, sample_covariance: bool = False
-) -> torch.Tensor:
-    """Per-image SSIM; with ``mask`` (B, C, H, W), a masked mean per channel, then over channels
-    (the RealBlur protocol)."""
+def ssim(restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (Gaussian window, per channel, averaged)."""
     if min(restored.shape[-2:]) <= 2 * SSIM_RADIUS:
         raise ValueError(f"SSIM needs images larger than {2 * SSIM_RADIUS + 1} px, got {tuple(restored.shape[-2:])}")
-    values = ssim_map(restored, target, sample_covariance)
-    if mask is None:
-        return values.flatten(1).mean(dim=1)
-    r = SSIM_RADIUS
-    inner = mask.double()[..., r:-r, r:-r]
-    per_channel = (values * inner).sum(dim=(2, 3)) / inner.sum(dim=(2, 3))
-    return per_channel.mean(dim=1)
+    return ssim_map(restored, target).flatten(1).mean(dim=1)
 
 
 # MATLAB's ssim (Image Processing Toolbox, R2014a and later): a Gaussian weighting window of
@@ -176,6 +162,20 @@ def dpdd_ssim(restored: np.ndarray, target: np.ndarray) -> float:
     defaults (7 x 7 uniform window, sample covariance, border cropped, channels averaged), on the
     float32 arrays (scikit-image then computes in float32)."""
     return float(structural_similarity(target.astype(np.float32), restored.astype(np.float32), data_range=1, channel_axis=2))
+
+
+def realblur_ssim(aligned: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
+    """SSIM as RealBlur's ``evaluate_realblur.py`` computes it on the aligned, masked float32 images:
+    scikit-image's Gaussian SSIM map (sigma 1.5, population covariance, data range 1; computed in
+    float32 for float32 input, which moves the figure by up to 3e-5 from a float64 computation),
+    multiplied by the mask, border windows cropped, a masked mean per channel, then the mean."""
+    _, ssim_values = structural_similarity(
+        target, aligned, channel_axis=2, gaussian_weights=True, use_sample_covariance=False, data_range=1.0, full=True
+    )
+    r = SSIM_RADIUS
+    inner_mask = mask[r:-r, r:-r]
+    per_channel = (ssim_values * mask)[r:-r, r:-r].sum(axis=(0, 1)) / inner_mask.sum(axis=(0, 1))
+    return float(per_channel.mean())
 
 
 def align_realblur(restored: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

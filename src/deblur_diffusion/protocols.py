@@ -41,6 +41,7 @@ from deblur_diffusion.metrics import (
     matlab_psnr,
     matlab_ssim,
     psnr,
+    realblur_ssim,
     ssim,
 )
 
@@ -75,8 +76,9 @@ def _score_matlab(restored: torch.Tensor, target: torch.Tensor) -> dict[str, flo
 
 def _score_realblur(restored: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     aligned, masked_target, mask = align_realblur(_hwc(restored), _hwc(target))
+    ssim_value = realblur_ssim(aligned, masked_target, mask)
     aligned, masked_target, mask = (torch.from_numpy(a).permute(2, 0, 1)[None] for a in (aligned, masked_target, mask))
-    return {"psnr": psnr(aligned, masked_target, mask).item(), "ssim": ssim(aligned, masked_target, mask).item()}
+    return {"psnr": psnr(aligned, masked_target, mask).item(), "ssim": ssim_value}
 
 
 def _single_group(index: int, size: int) -> str:
