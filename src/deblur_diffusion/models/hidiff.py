@@ -12,8 +12,9 @@ names (so that the released ``net_g`` / ``net_le`` / ``net_le_dm`` / ``net_d`` f
   of every block's attention and FFN with ``x * Linear(z3) + Linear(z3)``.
 * :class:`MixerDenoiser` (the GoPro denoising network) and :class:`MLPDenoiser` (the official
   RealBlur one), predicting the noise (or the clean prior) from ``(z_t, condition, t)``.
-* :class:`PriorDiffusion`: the short (T = 8) linear-beta schedule and its deterministic reverse
-  chain (posterior mean, no added noise, as the official code samples).
+* :class:`PriorDiffusion`: the short beta schedule (T = 8 linear on GoPro; T = 16 LDM "linear",
+  i.e. squares of a linear ramp of sqrt(beta), on RealBlur) and its deterministic reverse chain
+  (posterior mean, no added noise, as the official code samples).
 * :class:`HIDiffStageOneNet` and :class:`HIDiff`: the networks of stage one (prior from the sharp
   image) and of stage two / inference (prior sampled from the blurry image).
 """
@@ -46,6 +47,9 @@ LATENT_ENCODER_SCALE = 4
 # Three 2x downsamplings in the transformer.
 SIZE_MULTIPLE = 8
 PREDICTIONS = ("eps", "x0")
+# "linear": betas linear in [start, end] (official GoPro code); "scaled_linear": sqrt(beta) linear
+# in [sqrt(start), sqrt(end)] (LDM's make_beta_schedule "linear", the official RealBlur code).
+SCHEDULES = ("linear", "scaled_linear")
 SIGNAL_COEFFICIENTS = ("alphas_cumprod", "sqrt_alphas_cumprod")
 
 LEVEL_NAMES = FourLevelUNet.LEVEL_NAMES
@@ -385,20 +389,22 @@ class MLPDenoiser(nn.Module):
     """The official RealBlur denoising network (``simple_denoise``), used with x0 prediction.
 
     concat[condition, t / (10 * timesteps), z_t] -> Linear + LeakyReLU(0.1) -> ``n_denoise_res`` x
-    (Linear + LeakyReLU(0.1)). ``timesteps`` only scales the time input (the official option files
-    leave it at its default, 5, whatever the schedule's length).
+    (Linear + LeakyReLU(0.1)); the last layer ends in the activation too. ``t`` is the 0-based step
+    index; ``timesteps`` only scales it (the official option files leave it at its default, 5, so
+    the max period is 50 whatever the schedule's length).
     """
 
     def __init__(self, n_feats: int = 64, n_denoise_res: int = 4, timesteps: int = 5):
         super().__init__()
-        self.time_scale = 1.0 / (timesteps * 10)
+        self.max_period = timesteps * 10
         width = PRIOR_EXPANSION * n_feats
         layers = [nn.Linear(width * 2 + 1, width), nn.LeakyReLU(0.1, inplace=True)]
         layers += [_LinearLeakyReLU(width) for _ in range(n_denoise_res)]
         self.resmlp = nn.Sequential(*layers)
 
     def forward(self, z_t: torch.Tensor, condition: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        time = (step.to(z_t.dtype) * self.time_scale)[:, None, None].expand(*z_t.shape[:2], 1)
+        # A division (not a product with 1 / max_period) to round as the official code does.
+        time = (step.to(z_t.dtype) / self.max_period)[:, None, None].expand(*z_t.shape[:2], 1)
         return self.resmlp(torch.cat([condition, time, z_t], dim=-1))
 
 
@@ -413,18 +419,26 @@ class _LinearLeakyReLU(nn.Module):
         return self.resmlp(x)
 
 
-def linear_betas(timesteps: int, linear_start: float, linear_end: float) -> np.ndarray:
-    """Betas rising linearly from ``linear_start`` to ``linear_end`` over ``timesteps`` steps
-    (float64; changing T re-interpolates the same range)."""
+def linear_betas(timesteps: int, linear_start: float, linear_end: float, schedule: str = "linear") -> np.ndarray:
+    """``timesteps`` betas from ``linear_start`` to ``linear_end`` (float64; changing T
+    re-interpolates the same range): evenly spaced (``"linear"``), or the squares of evenly spaced
+    square roots (``"scaled_linear"``, LDM's "linear")."""
     if timesteps < 1:
         raise ValueError(f"the diffusion needs at least one step, got timesteps={timesteps}")
     if not 0 < linear_start <= linear_end < 1:
         raise ValueError(f"betas must satisfy 0 < linear_start <= linear_end < 1, got {linear_start}, {linear_end}")
-    return np.linspace(linear_start, linear_end, timesteps, dtype=np.float64)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "linear":
+        return np.linspace(linear_start, linear_end, timesteps, dtype=np.float64)
+    return np.linspace(np.sqrt(linear_start), np.sqrt(linear_end), timesteps, dtype=np.float64) ** 2
 
 
 class PriorDiffusion(nn.Module):
-    """The latent diffusion of the prior: a short linear-beta schedule and its reverse chain.
+    """The latent diffusion of the prior: a short beta schedule and its reverse chain.
+
+    ``schedule="linear"`` spaces the betas evenly (official GoPro code); ``"scaled_linear"`` spaces
+    their square roots evenly (LDM's default "linear", used by the official RealBlur code).
 
     Each reverse step predicts z0 (from the noise, or directly with ``prediction="x0"``), clamps it
     to [-1, 1] if ``clip_x0``, and moves to the posterior mean ``coef1 * z0 + coef2 * z_t`` without
@@ -432,8 +446,10 @@ class PriorDiffusion(nn.Module):
 
     ``signal_coefficient`` is how :meth:`noisy_start` mixes the clean prior with noise at step T for
     joint training: the official GoPro code scales z by alpha-bar_T (``"alphas_cumprod"``, the
-    default), the textbook q(z_T | z_0) and the official RealBlur (LDM) code by its square root.
-    The schedule is derived from the arguments, so its buffers are not saved in checkpoints.
+    default), the textbook q(z_T | z_0) and the official RealBlur (LDM) code by its square root
+    (with sqrt(1 - alpha-bar_T) on the noise, both computed in float64 as LDM's buffers).
+    The schedule is derived from the arguments (in float64, stored as float32), so its buffers are
+    not saved in checkpoints.
     """
 
     def __init__(
@@ -444,6 +460,7 @@ class PriorDiffusion(nn.Module):
         prediction: str = "eps",
         clip_x0: bool = True,
         signal_coefficient: str = "alphas_cumprod",
+        schedule: str = "linear",
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -454,18 +471,21 @@ class PriorDiffusion(nn.Module):
         self.prediction = prediction
         self.clip_x0 = clip_x0
         self.signal_coefficient = signal_coefficient
-        betas = linear_betas(timesteps, linear_start, linear_end)
+        self.schedule = schedule
+        betas = linear_betas(timesteps, linear_start, linear_end, schedule)
         alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-        schedule = {
+        buffers = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
+            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
             "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
             "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1.0),
             "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
         }
-        for name, values in schedule.items():
+        for name, values in buffers.items():
             self.register_buffer(name, torch.tensor(values, dtype=torch.float32), persistent=False)
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -475,9 +495,10 @@ class PriorDiffusion(nn.Module):
 
     def noisy_start(self, z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """z_T from the clean prior, where joint training starts the reverse chain."""
+        if self.signal_coefficient == "sqrt_alphas_cumprod":
+            return self.sqrt_alphas_cumprod[-1] * z0 + self.sqrt_one_minus_alphas_cumprod[-1] * noise
         abar = self.alphas_cumprod[-1]
-        signal = abar if self.signal_coefficient == "alphas_cumprod" else abar.sqrt()
-        return signal * z0 + (1.0 - signal**2).sqrt() * noise
+        return abar * z0 + (1.0 - abar**2).sqrt() * noise
 
     def predict_x0(self, z_t: torch.Tensor, model_output: torch.Tensor, step: int) -> torch.Tensor:
         if self.prediction == "x0":
