@@ -202,7 +202,8 @@ def test_datamodule_train_loader_yields_the_scheduled_batches():
         num_workers=0,
     )
     batches = list(module.train_dataloader())
-    assert [tuple(b["lq"].shape) for b in batches] == [(3, 3, 16, 16)] * 2 + [(2, 3, 24, 24)] * 2
+    # An epoch is 10 // 3 steps; batches are global (one rank here).
+    assert [tuple(b["lq"].shape) for b in batches] == [(3, 3, 16, 16)] * 2 + [(2, 3, 24, 24)]
     whole = list(module.val_dataloader())
     assert len(whole) == 2 and whole[0]["gt"].shape == (1, 3, 24, 24)
     assert WholeImages(module.sources["val"])[1]["name"] == whole[1]["name"][0]

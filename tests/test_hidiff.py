@@ -377,3 +377,16 @@ def test_summary_shows_the_inference_split(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for count in ("25,298,923", "558,040", "2,629,937", "28,486,900"):
         assert count in result.stdout
+
+
+def test_the_reverse_chain_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    net = tiny_hidiff(clip_x0=False).eval()  # unclipped, the x0 amplification of rounding shows
+    condition = net.condition_encoder(torch.rand(2, 3, 24, 24))
+    z_T = torch.randn_like(condition)
+    with torch.no_grad():
+        reference = net.diffusion.reverse(net.denoiser, condition, z_T)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = net.diffusion.reverse(net.denoiser, condition, z_T)
+    assert mixed.dtype == torch.float32
+    assert (mixed - reference).abs().max().item() < 1e-6 * reference.abs().max().item()

@@ -2,9 +2,8 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import SequentialSampler
-
-from deblur_diffusion.data.schedule import ProgressiveBatchSampler, ProgressiveSchedule
+from deblur_diffusion.data.schedule import ProgressiveSchedule, StepBatchSampler
+from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.stages.schedules import cosine_annealing_restarts
 
 # The official Restormer option files: iters, gt_sizes, mini_batch_sizes.
@@ -31,38 +30,47 @@ def test_invalid_schedules_are_rejected(phases):
         ProgressiveSchedule(phases)
 
 
-def test_batch_sampler_follows_the_schedule_batch_by_batch():
-    schedule = ProgressiveSchedule([[0, 32, 4], [2, 48, 2], [4, 64, 1]])
-    sampler = ProgressiveBatchSampler(SequentialSampler(range(13)), schedule, seed=3)
-    batches = list(sampler)
-    assert [len(b) for b in batches] == [4, 4, 2, 2, 1]
-    assert [b[0].patch_size for b in batches] == [32, 32, 48, 48, 64]
-    assert [key.index for b in batches for key in b] == list(range(13))
-    assert all(len({key.patch_size for key in b}) == 1 for b in batches)
-    # The next epoch continues from iteration 5 (last phase), as after a resume.
-    assert len(sampler) == 13 and [len(b) for b in sampler] == [1] * 13
+def sampler(size=13, phases=((0, 32, 4), (2, 48, 2), (4, 64, 1)), **kwargs):
+    return StepBatchSampler(size, ProgressiveSchedule([list(p) for p in phases]), seed=3, **kwargs)
 
 
-def test_batch_sampler_length_matches_iteration():
-    schedule = ProgressiveSchedule([[0, 32, 4], [2, 48, 3]])
-    sampler = ProgressiveBatchSampler(SequentialSampler(range(14)), schedule)
-    assert len(sampler) == len(list(ProgressiveBatchSampler(SequentialSampler(range(14)), schedule)))
+def test_batches_follow_the_schedule_step_by_step_through_a_stream_of_permutations():
+    batches = [sampler().batch(step) for step in range(12)]
+    assert [len(b) for b in batches] == [4, 4, 2, 2] + [1] * 8
+    assert [b[0].patch_size for b in batches] == [32, 32, 48, 48] + [64] * 8
+    stream = [key.index for b in batches for key in b]
+    # One pass over the 13 pairs is a permutation; the next pass another one.
+    assert sorted(stream[:13]) == list(range(13)) and stream[13:] != stream[: len(stream) - 13]
+    assert len({key.seed for b in batches for key in b}) == len(stream)
 
 
-def test_sample_seeds_are_deterministic_and_distinct():
-    schedule = ProgressiveSchedule([[0, 32, 4]])
-    first = list(ProgressiveBatchSampler(SequentialSampler(range(8)), schedule, seed=7))
-    again = list(ProgressiveBatchSampler(SequentialSampler(range(8)), schedule, seed=7))
-    other = list(ProgressiveBatchSampler(SequentialSampler(range(8)), schedule, seed=8))
-    assert first == again
-    assert len({key.seed for b in first for key in b}) == 8
-    assert first != other
+def test_an_iteration_starts_where_it_is_told_and_repeats_exactly():
+    start = {"value": 0}
+    draw = sampler(first_micro_batch=lambda: start["value"])
+    reference = sampler()
+    assert list(draw) == [reference.batch(k) for k in range(len(draw))]
+    start["value"] = 5
+    assert list(draw) == list(draw) == [reference.batch(k) for k in range(5, 5 + len(draw))]
 
 
-def test_resumed_sampler_starts_in_the_right_phase():
-    schedule = ProgressiveSchedule([[0, 32, 4], [10, 64, 2]])
-    sampler = ProgressiveBatchSampler(SequentialSampler(range(8)), schedule, start_iteration=10)
-    assert [len(b) for b in sampler] == [2, 2, 2, 2]
+def test_ranks_and_micro_batches_split_each_step_without_overlap():
+    phases = ((0, 32, 8), (3, 64, 4))
+    parts = {(r, a): sampler(40, phases, rank=r, world_size=2, accumulation=2) for r in (0, 1) for a in (0, 1)}
+    for step in range(6):
+        keys = [key for (r, a), s in sorted(parts.items(), key=lambda item: (item[0][1], item[0][0]))
+                for key in s.batch(step * 2 + a)]
+        assert len(keys) == (8 if step < 3 else 4) and len({k.seed for k in keys}) == len(keys)
+        whole = sampler(40, phases).batch(step)  # one rank, no accumulation: the same step's samples
+        assert [k.index for k in keys] == [k.index for k in whole] and [k.seed for k in keys] == [k.seed for k in whole]
+
+
+def test_a_global_batch_that_does_not_split_or_a_too_small_dataset_is_an_error():
+    with pytest.raises(ConfigError, match=r"global batch 6 .* not divisible by 4 ranks x 1"):
+        sampler(phases=((0, 32, 6),), world_size=4)
+    with pytest.raises(ConfigError, match=r"data.train has 3 pairs, fewer than one micro-batch step needs: 4 \(2 per rank x 2 ranks\)"):
+        sampler(3, ((0, 32, 4),), world_size=2)
+    repeated = sampler(3, ((0, 32, 4),), repeat_small_dataset=True).batch(0)
+    assert len(repeated) == 4 and len({k.index for k in repeated}) == 3
 
 
 def official_cosine_restart_lr(step, base, periods, eta_mins):

@@ -5,6 +5,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import FAST_TRAINER, REPO_ROOT, TINY_RESTORMER, TINY_SYNTHETIC
+from deblur_diffusion.data.schedule import ProgressiveSchedule
 from deblur_diffusion.losses import CharbonnierLoss
 from deblur_diffusion.train import train
 
@@ -34,6 +35,14 @@ def test_restormer_presets_compose(tmp_path, experiment):
     cfg = compose_train(tmp_path, f"experiment={experiment}")
     assert cfg.model.net.inp_channels == (6 if experiment.endswith("dual") else 3)
     assert cfg.model.net.dual_pixel_task == experiment.endswith("dual")
+    if experiment != "quickstart":
+        # REFERENCE.md: phases [92k, 64k, 48k, 36k, 36k, 24k], 8 GPUs x [8, 5, 4, 2, 1, 1] = global [64, 40, 32, 16, 8, 8].
+        schedule = ProgressiveSchedule.from_official([92000, 64000, 48000, 36000, 36000, 24000], [128, 160, 192, 256, 320, 384],
+                                                     [64, 40, 32, 16, 8, 8])
+        assert ProgressiveSchedule(cfg.data.patch_schedule).phases == schedule.phases
+        assert schedule.per_device_batches(8, 1) == [8, 5, 4, 2, 1, 1]
+        assert schedule.per_device_batches(1, cfg.trainer.accumulate_grad_batches) == [8, 5, 4, 2, 1, 1]
+        assert cfg.trainer.max_steps == 300000 and cfg.trainer.val_check_interval == 4000 * 8
 
 
 def test_swintormer_dpdd_preset_holds_the_paper_settings(tmp_path):
@@ -68,9 +77,14 @@ def test_hidiff_presets_hold_the_official_recipes(tmp_path, dataset):
     first = compose_train(tmp_path, f"experiment=hidiff_{dataset}_s1")
     second = compose_train(tmp_path, f"experiment=hidiff_{dataset}_s2", "model.stage1_ckpt=s1.ckpt")
     for cfg in (first, second):
+        # REFERENCE.md: global [64, 40, 32, 16, 8, 8] on 4 GPUs, phases of 20k then 200k iterations.
         assert [list(phase) for phase in cfg.data.patch_schedule] == [
-            [0, 128, 16], [20000, 160, 10], [40000, 192, 8], [60000, 256, 4], [80000, 320, 2], [100000, 384, 2]
+            [0, 128, 64], [20000, 160, 40], [40000, 192, 32], [60000, 256, 16], [80000, 320, 8], [100000, 384, 8]
         ]
+        schedule = ProgressiveSchedule(cfg.data.patch_schedule)
+        assert schedule.per_device_batches(4, 1) == [16, 10, 8, 4, 2, 2]
+        assert schedule.per_device_batches(1, cfg.trainer.accumulate_grad_batches) == [16, 10, 8, 4, 2, 2]
+        assert cfg.trainer.val_check_interval == 4000 * cfg.trainer.accumulate_grad_batches
         assert cfg.model.optimizer.lr == 2e-4 and cfg.model.grad_clip_norm == 0.01 and cfg.trainer.max_steps == 300000
         assert cfg.model.net.transformer.ffn_expansion_factor == (2.66 if dataset == "gopro" else 2)
     diffusion = second.model.net.diffusion
@@ -89,7 +103,8 @@ def test_hidiff_ablation_presets_differ_only_where_the_paper_says(tmp_path):
 
     hidiff, single, split, baseline = compose("s2"), compose("single_guide_s2"), compose("split_s2"), compose("baseline")
     for cfg in (hidiff, single, split, baseline, compose("s1"), compose("single_guide_s1")):
-        assert [list(phase) for phase in cfg.data.patch_schedule] == [[0, 192, 8]]
+        assert [list(phase) for phase in cfg.data.patch_schedule] == [[0, 192, 32]]  # global batch 32, patch 192
+        assert ProgressiveSchedule(cfg.data.patch_schedule).per_device_batches(4, 1) == [8]
         assert cfg.model.scheduler.eta_mins == [1e-6]
     assert hidiff.model.net.transformer.multi_scale_prior and not single.model.net.transformer.multi_scale_prior
     assert hidiff.model.joint_training and not split.model.joint_training

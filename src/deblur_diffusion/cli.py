@@ -26,6 +26,9 @@ IMAGE_CHANNELS = 3
 OmegaConf.register_new_resolver(
     "with_prior", lambda channels, flag: int(channels) + (IMAGE_CHANNELS if flag else 0), replace=True
 )
+# ${product:A,B}: A * B, e.g. a validation interval in optimisation steps times the accumulation
+# (Lightning counts val_check_interval in micro-batches).
+OmegaConf.register_new_resolver("product", lambda a, b: int(a) * int(b), replace=True)
 
 
 # The package's messages for the run's log file (conf/hydra/job_logging/run_file.yaml). The null

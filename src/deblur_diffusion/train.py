@@ -1,7 +1,7 @@
 """Training entry point: ``python -m deblur_diffusion.train [overrides]``.
 
 Composes ``conf/train.yaml``, trains, validates (and tests, where the data has a test split) with
-the best checkpoint, prints the metrics of the blurry input against the restored output, and
+the final weights (``evaluate_checkpoint=best``: the best monitored checkpoint), prints the metrics of the blurry input against the restored output, and
 returns the monitored metric so that Hydra sweepers can optimise it.
 """
 
@@ -46,6 +46,17 @@ def metrics_table(title: str, metrics: dict[str, float], prefix: str) -> Table:
     return table
 
 
+def batch_table(datamodule, world_size: int, accumulation: int) -> Table:
+    """The training batches of each phase: global = per device x ranks x accumulation."""
+    per_device = datamodule.schedule.per_device_batches(world_size, accumulation)
+    table = Table(title="Training batches")
+    for column in ("from step", "patch", "global batch", "per device", "ranks", "accumulation"):
+        table.add_column(column, justify="right")
+    for phase, micro in zip(datamodule.schedule.phases, per_device, strict=True):
+        table.add_row(str(phase.start_iteration), str(phase.patch_size), str(phase.batch_size), str(micro), str(world_size), str(accumulation))
+    return table
+
+
 @rank_zero_only
 def report(console: Console, output_dir: Path, tables: list[Table], best_checkpoint: str) -> None:
     lines = [f"Run outputs: {output_dir}"]
@@ -71,14 +82,21 @@ def train(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(model.run_config)
+    batches = batch_table(datamodule, trainer.world_size, trainer.accumulate_grad_batches)
+    if trainer.is_global_zero:
+        show(Console(), batches)
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    evaluation_ckpt = best or None
+    if cfg.evaluate_checkpoint not in ("last", "best"):
+        raise ConfigError(f"evaluate_checkpoint must be last or best, got {cfg.evaluate_checkpoint!r}")
+    use_best = cfg.evaluate_checkpoint == "best" and bool(best)
+    # None: the weights in memory, i.e. the final iteration's.
+    evaluation_ckpt = best if use_best else None
     validated = trainer.validate(model, datamodule=datamodule, ckpt_path=evaluation_ckpt, verbose=False)
     metrics = dict(validated[0]) if validated else {}
-    tables = [metrics_table("Validation (best checkpoint)" if best else "Validation", metrics, "val")]
+    tables = [metrics_table("Validation (best checkpoint)" if use_best else "Validation (final weights)", metrics, "val")]
     if cfg.get("test") and datamodule.has_split("test"):
         tested = trainer.test(model, datamodule=datamodule, ckpt_path=evaluation_ckpt, verbose=False)
         test_metrics = dict(tested[0]) if tested else {}

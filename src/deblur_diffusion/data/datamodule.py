@@ -8,11 +8,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from deblur_diffusion.data.patches import TrainPatches, WholeImages
 from deblur_diffusion.data.priors import WithPrior
-from deblur_diffusion.data.schedule import ProgressiveBatchSampler, ProgressiveSchedule
+from deblur_diffusion.data.schedule import ProgressiveSchedule, StepBatchSampler
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.protocols import get_protocol
@@ -35,16 +35,21 @@ class ShardSampler(Sampler[int]):
 class DeblurDataModule(L.LightningDataModule):
     """Training patches with the progressive schedule; whole images for validation and test.
 
-    Under DDP the module shards the data itself (the trainer configs set
-    ``use_distributed_sampler: false``): training batches come from a distinct shard per rank, and
-    every validation and test image is evaluated once, on one rank.
+    Training batches are a pure function of the seed, the optimisation step, the micro-batch, the
+    rank and the slot (:class:`~deblur_diffusion.data.schedule.StepBatchSampler`): under DDP every
+    rank trains on distinct samples, and a resumed run sees the batches an uninterrupted one would.
+    The torch random state is re-seeded from each training batch, so noise drawn in a training
+    step (diffusion noise and timesteps) differs between ranks and is reproduced on resume.
+    Every validation and test image is evaluated once, on one rank (the trainer configs set
+    ``use_distributed_sampler: false``).
 
     Args:
         train, val, test: pair sources (any may be None when that stage is not run).
         in_channels: input channels the model expects (3, or 6 for dual-pixel); checked against
             the sources so that a model/data mismatch fails before training.
         dual_pixel: whether the input holds two dual-pixel views (read by model configs).
-        patch_schedule: ``[[start_iteration, patch_size, batch_size], ...]``.
+        patch_schedule: ``[[start_step, patch_size, global_batch_size], ...]``; the batch is the
+            global one (all ranks and accumulated micro-batches), as the papers state it.
         flips, rotations: geometric augmentation of training patches.
         num_workers: data-loading processes (0 loads in the main process).
         seed: seeds the sampling order, crops and augmentations.
@@ -52,6 +57,8 @@ class DeblurDataModule(L.LightningDataModule):
             written by ``generate_prior``), appended to the input channels.
         protocol: the evaluation protocol of the dataset's paper tables
             (:mod:`deblur_diffusion.protocols`), used by ``evaluate``.
+        repeat_small_dataset: train on a dataset smaller than one step's samples by repeating
+            pairs within a batch (otherwise an error).
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class DeblurDataModule(L.LightningDataModule):
         seed: int = 0,
         prior_dir: str | None = None,
         protocol: str = "standard",
+        repeat_small_dataset: bool = False,
     ):
         super().__init__()
         self.protocol = get_protocol(protocol).name
@@ -91,6 +99,7 @@ class DeblurDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
+        self.repeat_small_dataset = repeat_small_dataset
 
     def pairs(self, split: str) -> PairSource:
         """The checked pair source of a split, priors included: what validation and evaluation read."""
@@ -115,17 +124,31 @@ class DeblurDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
+    def train_batch_sampler(self) -> StepBatchSampler:
+        dataset_size = len(self._require("train"))
+        rank, world_size = self._rank_and_world_size()
+        trainer = self.trainer
+        accumulation = trainer.accumulate_grad_batches if trainer is not None else 1
+        return StepBatchSampler(
+            dataset_size,
+            self.schedule,
+            self.seed,
+            rank,
+            world_size,
+            accumulation,
+            first_micro_batch=(lambda: trainer.global_step * accumulation) if trainer is not None else (lambda: 0),
+            repeat_small_dataset=self.repeat_small_dataset,
+        )
+
     def train_dataloader(self) -> DataLoader:
         dataset = TrainPatches(self._require("train"), self.flips, self.rotations)
-        rank, world_size = self._rank_and_world_size()
-        if world_size > 1:
-            # Each rank draws a distinct shard of every epoch's permutation.
-            sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=self.seed, drop_last=True)
-        else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
-        start = self.trainer.global_step if self.trainer is not None else 0
-        batch_sampler = ProgressiveBatchSampler(sampler, self.schedule, self.seed, start_iteration=start)
-        return DataLoader(dataset, batch_sampler=batch_sampler, **self._loader_options())
+        return DataLoader(dataset, batch_sampler=self.train_batch_sampler(), **self._loader_options())
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.trainer is not None and self.trainer.training and "seed" in batch:
+            # A pure function of the batch's first sample (its step, micro-batch and rank).
+            torch.manual_seed(int(batch["seed"][0]))
+        return batch
 
     def _whole_image_loader(self, split: str) -> DataLoader:
         dataset = WholeImages(self._require(split))

@@ -95,7 +95,7 @@ class TrainPatches(Dataset):
         lq, gt = load_checked(self.source, index, rng)
         lq, gt = random_patch(lq, gt, patch_size, rng)
         lq, gt = random_flip_rotate((lq, gt), rng, self.flips, self.rotations)
-        return {"lq": to_tensor(lq), "gt": to_tensor(gt), "name": self.source.name(index)}
+        return {"lq": to_tensor(lq), "gt": to_tensor(gt), "name": self.source.name(index), "seed": seed}
 
 
 class WholeImages(Dataset):

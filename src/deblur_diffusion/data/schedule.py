@@ -1,20 +1,24 @@
-"""The progressive patch-size / batch-size schedule of the official recipes.
+"""The progressive patch-size / batch-size schedule of the official recipes, and the batch sampler
+that draws training batches as a pure function of the optimisation step.
 
 Restormer and HI-Diff train on small patches with large batches first and move to larger patches
-with smaller batches: a list of phases ``(start_iteration, patch_size, batch_size)``. The batch
-sampler below applies it batch by batch, so a phase change needs no new data loader.
+with smaller batches: a list of phases ``(start_step, patch_size, global_batch_size)``. The batch
+size is the **global** one, over all ranks and accumulated micro-batches, as the papers state it;
+each rank's micro-batch is ``global / (world_size * accumulation)``.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-from torch.utils.data import BatchSampler, Sampler
+from torch.utils.data import Sampler
 
 from deblur_diffusion.data.patches import PatchKey
+from deblur_diffusion.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -61,41 +65,104 @@ class ProgressiveSchedule:
         return max(p.patch_size for p in self.phases)
 
 
-class ProgressiveBatchSampler(BatchSampler):
-    """Groups the indices of ``sampler`` into batches whose size follows the schedule, and tags
-    each index with the phase's patch size and a seed for its crop and augmentation.
+    def per_device_batches(self, world_size: int, accumulation: int) -> list[int]:
+        """Each phase's micro-batch per rank: global / (world_size x accumulation), which must divide."""
+        for phase in self.phases:
+            if phase.batch_size % (world_size * accumulation):
+                raise ConfigError(
+                    f"the global batch {phase.batch_size} (data.patch_schedule, from step {phase.start_iteration}) is not "
+                    f"divisible by {world_size} ranks x {accumulation} accumulated micro-batches "
+                    "(trainer.devices x trainer.num_nodes x trainer.accumulate_grad_batches)"
+                )
+        return [phase.batch_size // (world_size * accumulation) for phase in self.phases]
 
-    ``start_iteration`` is the number of batches already trained (set on resume). Incomplete last
-    batches are dropped. Lightning re-creates this sampler around a ``DistributedSampler`` under
-    DDP, so each rank draws its own shard.
+    def samples_before(self, step: int) -> int:
+        """How many samples (globally) the steps before ``step`` consume."""
+        total = 0
+        for phase, following in zip(self.phases, [*self._starts[1:], None]):
+            end = step if following is None else min(step, following)
+            total += max(0, end - phase.start_iteration) * phase.batch_size
+        return total
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(size)
+
+
+class StepBatchSampler(Sampler[list[PatchKey]]):
+    """Training batches as a pure function of (seed, step, micro-batch, rank, slot).
+
+    The samples of the whole run form one stream: a new seeded permutation of the dataset per pass.
+    Step ``k`` takes the next ``global batch`` positions of the stream; its micro-batch ``a`` on
+    rank ``r`` takes ``micro`` of them, where ``micro = global / (world_size * accumulation)``. Each
+    sample's crop and augmentation seed is derived from its position in the stream. So what a rank
+    receives at a step does not depend on the number of workers, their prefetching, where Lightning
+    ends its epochs, or on resuming: every iteration starts again at ``first_micro_batch()`` (the
+    trainer's global step times the accumulation) and may be cut anywhere.
+
+    Args:
+        dataset_size: the number of training pairs.
+        schedule: phases with global batch sizes, indexed by optimisation step.
+        seed: the run's seed.
+        rank, world_size: this process and the number of processes.
+        accumulation: micro-batches per optimisation step (Lightning's ``accumulate_grad_batches``).
+        first_micro_batch: where an iteration starts (a callable read when it starts).
+        repeat_small_dataset: allow a dataset smaller than one step's samples (pairs then repeat
+            within a batch); otherwise that is an error.
     """
 
-    def __init__(self, sampler: Sampler[int], schedule: ProgressiveSchedule, seed: int = 0, start_iteration: int = 0):
-        super().__init__(sampler, batch_size=schedule.at(start_iteration).batch_size, drop_last=True)
+    def __init__(
+        self,
+        dataset_size: int,
+        schedule: ProgressiveSchedule,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        accumulation: int = 1,
+        first_micro_batch: Callable[[], int] = lambda: 0,
+        repeat_small_dataset: bool = False,
+    ):
+        schedule.per_device_batches(world_size, accumulation)
+        largest = max(p.batch_size for p in schedule.phases) // accumulation
+        if dataset_size < largest and not repeat_small_dataset:
+            raise ConfigError(
+                f"data.train has {dataset_size} pairs, fewer than one micro-batch step needs: {largest} "
+                f"({largest // world_size} per rank x {world_size} ranks); use more data, a smaller "
+                "data.patch_schedule batch, or data.repeat_small_dataset=true to repeat pairs within batches"
+            )
+        self.dataset_size = dataset_size
         self.schedule = schedule
         self.seed = seed
-        self.iteration = start_iteration
+        self.rank = rank
+        self.world_size = world_size
+        self.accumulation = accumulation
+        self.first_micro_batch = first_micro_batch
 
-    def _sample_seed(self, iteration: int, position: int) -> int:
-        return int(np.random.SeedSequence([self.seed, iteration, position]).generate_state(1)[0])
+    def micro_batch_size(self, step: int) -> int:
+        return self.schedule.at(step).batch_size // (self.world_size * self.accumulation)
 
-    def __iter__(self) -> Iterator[list[PatchKey]]:
-        phase = self.schedule.at(self.iteration)
-        batch: list[PatchKey] = []
-        for index in self.sampler:
-            batch.append(PatchKey(int(index), phase.patch_size, self._sample_seed(self.iteration, len(batch))))
-            if len(batch) == phase.batch_size:
-                yield batch
-                self.iteration += 1
-                phase = self.schedule.at(self.iteration)
-                batch = []
+    def batch(self, micro_batch: int) -> list[PatchKey]:
+        """The keys this rank trains on at micro-batch ``micro_batch`` (step = micro_batch // accumulation)."""
+        step, within = divmod(micro_batch, self.accumulation)
+        phase = self.schedule.at(step)
+        size = self.micro_batch_size(step)
+        first = self.schedule.samples_before(step) + (within * self.world_size + self.rank) * size
+        keys = []
+        for position in range(first, first + size):
+            epoch, offset = divmod(position, self.dataset_size)
+            index = int(_epoch_permutation(self.seed, epoch, self.dataset_size)[offset])
+            sample_seed = int(np.random.SeedSequence([self.seed, position]).generate_state(1)[0])
+            keys.append(PatchKey(index, phase.patch_size, sample_seed))
+        return keys
 
     def __len__(self) -> int:
-        remaining = len(self.sampler)
-        iteration = self.iteration
-        batches = 0
-        while remaining >= (size := self.schedule.at(iteration).batch_size):
-            remaining -= size
-            iteration += 1
-            batches += 1
-        return batches
+        """Micro-batches per (nominal) epoch: about one pass over the data at the first phase's
+        batch, a whole number of optimisation steps."""
+        steps = max(1, self.dataset_size // self.schedule.phases[0].batch_size)
+        return steps * self.accumulation
+
+    def __iter__(self) -> Iterator[list[PatchKey]]:
+        start = self.first_micro_batch()
+        for micro_batch in range(start, start + len(self)):
+            yield self.batch(micro_batch)

@@ -21,6 +21,7 @@ names (so that the released ``net_g`` / ``net_le`` / ``net_le_dm`` / ``net_d`` f
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -511,15 +512,25 @@ class PriorDiffusion(nn.Module):
         self, denoiser: nn.Module, condition: torch.Tensor, z_t: torch.Tensor, trajectory: list | None = None
     ) -> torch.Tensor:
         """Runs the T reverse steps from ``z_t`` (= z_T); differentiable. When ``trajectory`` is a
-        list, z_T and each step's result are appended to it (for plots of the reverse process)."""
-        if trajectory is not None:
-            trajectory.append(z_t)
-        for step in reversed(range(self.timesteps)):
-            steps = torch.full((z_t.shape[0],), step, device=z_t.device, dtype=torch.long)
-            z0 = self.predict_x0(z_t, denoiser(z_t, condition, steps), step)
-            z_t = self.posterior_mean_coef1[step] * z0 + self.posterior_mean_coef2[step] * z_t
+        list, z_T and each step's result are appended to it (for plots of the reverse process).
+
+        The chain runs in float32 even under mixed precision: at step T, x0 = sqrt(1/abar) z_t -
+        sqrt(1/abar - 1) eps multiplies the prediction by ~174 (T = 8), which would turn bf16
+        rounding into errors of order 1. The denoiser is a small MLP, so this costs little."""
+        device_type = z_t.device.type
+        full_precision = (
+            torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext()
+        )
+        with full_precision:
+            z_t, condition = z_t.float(), condition.float()
             if trajectory is not None:
                 trajectory.append(z_t)
+            for step in reversed(range(self.timesteps)):
+                steps = torch.full((z_t.shape[0],), step, device=z_t.device, dtype=torch.long)
+                z0 = self.predict_x0(z_t, denoiser(z_t, condition, steps), step)
+                z_t = self.posterior_mean_coef1[step] * z0 + self.posterior_mean_coef2[step] * z_t
+                if trajectory is not None:
+                    trajectory.append(z_t)
         return z_t
 
 
