@@ -108,7 +108,7 @@ def test_the_autoencoder_codebook_starts_from_encoder_outputs():
     stage = AutoencoderStage(tiny_model(), torch.nn.L1Loss(), lambda params: torch.optim.SGD(params, lr=0.0))
     images = torch.rand(4, 3, 32, 32)
     loader = DataLoader([{"lq": image, "gt": image, "name": str(i)} for i, image in enumerate(images)], batch_size=4)
-    latents = rearrange(stage.net.encode(images).detach(), "b c h w -> (b h w) c")
+    latents = rearrange(stage.net.encode(images * 2 - 1).detach(), "b c h w -> (b h w) c")
 
     def distance_to_nearest_latent():
         return torch.cdist(stage.net.autoencoder.quantize.embedding.weight.detach(), latents, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
@@ -163,14 +163,14 @@ def test_the_chain_trains_through_the_cli_and_feeds_swintormer(tmp_path):
 
     assert run_cli("data.synthesize", f"out={tmp_path}/GoPro", "train_pairs=4", "test_pairs=2", "image_size=40", cwd=tmp_path).returncode == 0
     for split, extra in (("train", "steps=2"), ("val", "steps=2"), ("test", "steps=2")):
-        made = run_cli("generate_prior", f"ckpt={ckpt_of(tmp_path / 'decoder')}", "data=gopro", f"paths.data_dir={tmp_path}",
+        made = run_cli("generate_prior", f"ckpt={ckpt_of(tmp_path / 'decoder')}", "prior=paper_decoder", "data=gopro", f"paths.data_dir={tmp_path}",
                        f"split={split}", f"out={tmp_path}/priors", extra, cwd=tmp_path)
         assert made.returncode == 0, made.stderr[-3000:]
     priors = sorted((tmp_path / "priors" / "train").glob("*.png"))
     assert len(priors) == 4 and read_image_raw(priors[0]).shape == (40, 40, 3) and read_image_raw(priors[0]).dtype == np.uint16
     manifest = json.loads((tmp_path / "priors" / "train" / "manifest.json").read_text())
     assert manifest["steps"] == 2 and len(manifest["priors"]) == 4
-    again = run_cli("generate_prior", f"ckpt={ckpt_of(tmp_path / 'decoder')}", "data=gopro", f"paths.data_dir={tmp_path}",
+    again = run_cli("generate_prior", f"ckpt={ckpt_of(tmp_path / 'decoder')}", "prior=paper_decoder", "data=gopro", f"paths.data_dir={tmp_path}",
                     f"out={tmp_path}/priors", "steps=2", cwd=tmp_path)
     assert "0 priors written, 4 already there" in again.stdout
 

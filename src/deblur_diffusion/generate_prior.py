@@ -1,10 +1,16 @@
 """Precomputes Swintormer's diffusion priors:
-``python -m deblur_diffusion.generate_prior ckpt=... data=... split=train out=DIR``.
+``python -m deblur_diffusion.generate_prior ckpt=model.ckpt ldm_config=config.yaml data=... split=train out=DIR``.
 
 For every blurry image of a data split (or of a folder), samples the prior with T DDIM steps from a
-fixed seed at the image's size (on overlapping tiles above ``tile_above_pixels``) and writes it as a
-16-bit PNG named after the pair, with a ``manifest.json`` recording the model, T and the seed.
-Priors already on disk are skipped, so an interrupted run resumes where it stopped.
+fixed seed at the image's size and writes it as a 16-bit PNG named after the pair, with a
+``manifest.json`` recording the model, the prior, T and the seed. Priors already on disk are
+skipped, so an interrupted run resumes where it stopped.
+
+``prior=official`` (default) is the released ``generate_feature.py``: the pretrained CompVis
+LDM-BSR (``ckpt`` = its ``model.ckpt``, ``ldm_config`` = its ``config.yaml``, EMA weights), the
+blurry image at full resolution as condition, the raw sampled latent as prior, LDM's split-input
+tiles for large images. ``prior=paper_decoder`` is the paper text's decoded prior, from a
+``model=ldm_decoder_finetune`` checkpoint, on overlapping tiles above ``tile_above_pixels``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from deblur_diffusion.data.io import list_images, read_image, write_image
 from deblur_diffusion.data.patches import WholeImages, to_tensor
 from deblur_diffusion.data.priors import prior_path, require_fixed_pairs
 from deblur_diffusion.errors import ConfigError
-from deblur_diffusion.models.latent_prior import LatentPriorModel
+from deblur_diffusion.models.compvis_ldm import load_compvis_ldm
+from deblur_diffusion.models.latent_prior import PRIORS, LatentPriorModel
 from deblur_diffusion.pretrained import load_network, pick_device
 
 IMAGE_CHANNELS = 3
@@ -53,10 +60,15 @@ def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Ten
 def generate_priors(cfg: DictConfig) -> tuple[int, int]:
     """Writes the missing priors; returns (written, skipped)."""
     require_complete(cfg, unused=("model.", *(f"data.{s}." for s in ("train", "val", "test") if cfg.input is not None or s != cfg.split)))
-    loaded = load_network(cfg.ckpt)
-    model = loaded.net
+    if cfg.ldm_config is not None:
+        model = load_compvis_ldm(cfg.ckpt, cfg.ldm_config, use_ema=True)
+    else:
+        model = load_network(cfg.ckpt).net
     if not isinstance(model, LatentPriorModel):
         raise ConfigError(f"{cfg.ckpt} holds a {type(model).__name__}, not a latent diffusion prior (model=ldm_decoder_finetune)")
+    if cfg.prior not in PRIORS:
+        raise ConfigError(f"prior must be one of {PRIORS}, got {cfg.prior!r}")
+    model.prior = cfg.prior
     model.sampling_steps, model.noise_seed = int(cfg.steps), int(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device).eval()
@@ -67,7 +79,7 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
     folder.mkdir(parents=True, exist_ok=True)
     manifest_file = folder / MANIFEST
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {"priors": {}}
-    settings = {"ckpt": str(cfg.ckpt), "steps": int(cfg.steps), "seed": int(cfg.seed), "eta": model.eta}
+    settings = {"ckpt": str(cfg.ckpt), "prior": model.prior, "steps": int(cfg.steps), "seed": int(cfg.seed), "eta": model.eta}
     previous = {key: manifest.get(key) for key in settings}
     if manifest["priors"] and previous != settings:
         raise ConfigError(
@@ -82,7 +94,9 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
             skipped += 1
             continue
         blurry = load_blurry(index)[None].to(device)
-        inference = tiled if blurry.shape[-2] * blurry.shape[-1] > cfg.tile_above_pixels else whole
+        # The official prior tiles itself (LDM's split-input path, blended at every DDIM step).
+        large = blurry.shape[-2] * blurry.shape[-1] > cfg.tile_above_pixels
+        inference = tiled if large and model.prior == "paper_decoder" else whole
         with torch.no_grad():
             prior = inference(model, blurry)[0].permute(1, 2, 0).cpu().numpy()
         write_image(target, prior, PRIOR_BIT_DEPTH)

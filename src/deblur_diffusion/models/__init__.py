@@ -1,5 +1,6 @@
 """Restoration networks: plain ``nn.Module`` classes, one file per architecture."""
 
+from deblur_diffusion.models.compvis_ldm import load_compvis_ldm
 from deblur_diffusion.models.hidiff import (
     HIDiff,
     HIDiffStageOneNet,
@@ -25,4 +26,5 @@ __all__ = [
     "PriorGuidedRestormer",
     "Restormer",
     "Swintormer",
+    "load_compvis_ldm",
 ]

@@ -1,17 +1,28 @@
 """Swintormer's diffusion prior: a conditional latent diffusion model (the LDM super-resolution
-design of Rombach et al.) that turns a blurry image into a sharp-looking prior image.
+design of Rombach et al.) that turns a blurry image into a prior concatenated to Swintormer's input.
 
 * the VQ autoencoder (``diffusers.VQModel``) maps images in [-1, 1] to latents ``f`` times smaller
   (f = 4 for three resolution levels);
-* the denoiser (``diffusers.UNet2DModel``) predicts the noise in a latent with the blurry image,
-  area-downsampled to the latent size, concatenated as condition (LDM's "concat" conditioning);
-* training noises latents with the DDPM schedule (1000 steps, betas from 0.0015 to 0.0155 on a
-  square-root scale, what the LDM code calls "linear"), sampling runs DDIM with T steps;
-* the prior is ``decode(sample(blurry))``, an RGB image of the input's size in [0, 1], which the
-  paper concatenates to Swintormer's input (:class:`PriorFusedNet`).
+* the denoiser (``diffusers.UNet2DModel``) predicts the noise in a latent with a condition image
+  concatenated to it (LDM's "concat" conditioning);
+* the noise schedule has 1000 steps, betas from 0.0015 to 0.0155 on a square-root scale (what the
+  LDM code calls "linear"); sampling runs DDIM with T steps.
+
+Two priors (``prior``):
+
+* ``"official"`` (the released ``generate_feature.py``, the default): the pretrained LDM-BSR model
+  conditioned on the blurry image at **full resolution** in [-1, 1]; a latent of the image's own
+  size is sampled with DDIM (eta 1, T steps, a seed) and used raw, clamped to [-1, 1] and mapped to
+  [0, 1]; it is not decoded. Images larger than one 128 px tile go through LDM's split-input path
+  (overlapping tiles blended at every step).
+* ``"paper_decoder"`` (the paper text): the condition area-downsampled to the latent size, the
+  sampled latent decoded into an RGB image of the input's size, with a decoder fine-tuned for it
+  (``model=ldm_decoder_finetune``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +33,9 @@ from torch import nn
 from deblur_diffusion.models.blocks import pad_to_multiple
 
 IMAGE_CHANNELS = 3
+PRIORS = ("official", "paper_decoder")
+# generate_feature.py's split_input_params: 128 px latent tiles every 64 px, clipped border weights.
+OFFICIAL_SPLIT_INPUT = {"ks": (128, 128), "stride": (64, 64), "clip_min_weight": 0.01, "clip_max_weight": 0.5}
 
 
 def to_model_range(image: torch.Tensor) -> torch.Tensor:
@@ -45,6 +59,11 @@ class LatentPriorModel(nn.Module):
         noise_seed: sampling draws its noise from this seed, so a given image always gets the
             same prior; the starting latent is shared by the images of a batch. ``None`` uses the
             global generator.
+        alphas_cumprod: the schedule's alpha-bar as the LDM code registers it (float64, cast).
+        scale_factor: LDM's latent scale (1 for LDM-BSR).
+        prior: ``"official"`` or ``"paper_decoder"`` (see the module docstring): what ``forward`` returns.
+        split_input: LDM's split-input settings for the official prior (latent tiles ``ks`` every
+            ``stride``, weights clipped to [clip_min_weight, clip_max_weight]).
     """
 
     def __init__(
@@ -58,6 +77,10 @@ class LatentPriorModel(nn.Module):
         sampling_steps: int = 50,
         eta: float = 1.0,
         noise_seed: int | None = 0,
+        alphas_cumprod: torch.Tensor | None = None,
+        scale_factor: float = 1.0,
+        prior: str = "official",
+        split_input: dict | None = None,
     ):
         super().__init__()
         latent_channels = autoencoder.config.latent_channels
@@ -76,6 +99,16 @@ class LatentPriorModel(nn.Module):
         self.sampling_steps = sampling_steps
         self.eta = eta
         self.noise_seed = noise_seed
+        # LDM registers alphas_cumprod from a float64 schedule (diffusers' float32 cumprod is ~6e-7 off).
+        if alphas_cumprod is None:
+            alphas_cumprod = self.sampler.alphas_cumprod.clone()
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+        self.scale_factor = scale_factor
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        self.prior = prior
+        self.split_input = dict(split_input or OFFICIAL_SPLIT_INPUT)
+        self.unet_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
         self.downsample = 2 ** (len(autoencoder.config.block_out_channels) - 1)
         self.size_multiple = self.downsample * 2 ** (len(unet.config.block_out_channels) - 1)
 
@@ -84,24 +117,34 @@ class LatentPriorModel(nn.Module):
         return F.avg_pool2d(to_model_range(blurry[:, :IMAGE_CHANNELS]), self.downsample)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Latents (before quantisation) of an image in [0, 1]."""
-        return self.autoencoder.encode(to_model_range(image)).latents
+        """Latents before quantisation (LDM encode_first_stage: quant_conv(encoder(x)), times
+        scale_factor) of an image in [-1, 1]."""
+        return self.scale_factor * self.autoencoder.encode(image).latents
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The image in [0, 1] of latents (quantised to the codebook first)."""
-        return to_image_range(self.autoencoder.decode(latents).sample)
+    def quantize(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latents snapped to the codebook (straight-through form z + (z_q - z))."""
+        return self.autoencoder.quantize(latents / self.scale_factor)[0] * self.scale_factor
+
+    def decode(self, latents: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:
+        """The image in [-1, 1] of latents, quantised to the codebook first (LDM decode_first_stage)."""
+        return self.autoencoder.decode(latents / self.scale_factor, force_not_quantize=force_not_quantize).sample
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """eps(x_t, t) given the condition (at the latent's size, in [-1, 1]), concatenated after x_t."""
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        return self.unet(torch.cat([x_t, condition], dim=1), t).sample
 
     def reconstruct(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction in [0, 1], codebook + commitment loss) of an image in [0, 1] of any size."""
         padded, (height, width) = pad_to_multiple(image, self.downsample)
-        decoded = self.autoencoder.decode(self.encode(padded))
+        decoded = self.autoencoder.decode(self.autoencoder.encode(to_model_range(padded)).latents)
         return to_image_range(decoded.sample)[..., :height, :width], decoded.commit_loss.mean()
 
     def noise_prediction_loss(self, sharp: torch.Tensor, blurry: torch.Tensor) -> torch.Tensor:
         """The LDM objective: MSE between the noise added to the sharp image's latents at a random
         step and the UNet's prediction of it, conditioned on the blurry image."""
         with torch.no_grad():
-            latents = self.encode(sharp)
+            latents = self.encode(to_model_range(sharp))
         noise = torch.randn_like(latents)
         steps = torch.randint(0, self.training_schedule.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = self.training_schedule.add_noise(latents, noise, steps)
@@ -130,14 +173,95 @@ class LatentPriorModel(nn.Module):
                 trajectory.append(latents)
         return latents
 
+    def ddim_schedule(self, steps: int, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LDM DDIMSampler's 'uniform' schedule: timesteps range(0, T, T // steps) + 1 (ascending),
+        alphas_cumprod there, the previous ones (the first one alphas_cumprod[0]) and the sigmas."""
+        total = self.alphas_cumprod.shape[0]
+        timesteps = torch.arange(0, total, total // steps) + 1
+        alphas_cumprod = self.alphas_cumprod.cpu()
+        alphas = alphas_cumprod[timesteps]
+        alphas_prev = torch.cat([alphas_cumprod[:1], alphas[:-1]])
+        a, ap = alphas.double(), alphas_prev.double()
+        sigmas = (eta * ((1 - ap) / (1 - a) * (1 - a / ap)).sqrt()).float()
+        return timesteps, alphas, alphas_prev, sigmas
+
+    def _tiled_noise(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, tiles: dict) -> torch.Tensor:
+        """LDM apply_model with split_input_params: the UNet on overlapping (ks, stride) tiles of the
+        latent and the condition, blended with clipped distance-to-border weights."""
+        (kh, kw), (sh, sw) = tiles["ks"], tiles["stride"]
+        height, width = x_t.shape[-2:]
+        if (height - kh) % sh or (width - kw) % sw or height < kh or width < kw:
+            raise ValueError(f"tiles {kh}x{kw} with stride {sh}x{sw} do not cover a {height}x{width} latent")
+        fold_args = dict(kernel_size=(kh, kw), stride=(sh, sw))
+        count = ((height - kh) // sh + 1) * ((width - kw) // sw + 1)
+        y = torch.arange(kh, dtype=torch.float32)[:, None].expand(kh, kw) / (kh - 1)
+        x = torch.arange(kw, dtype=torch.float32)[None, :].expand(kh, kw) / (kw - 1)
+        border = torch.minimum(torch.minimum(y, x), torch.minimum(1 - y, 1 - x))
+        weight = border.clip(tiles["clip_min_weight"], tiles["clip_max_weight"]).to(x_t)
+        weight = weight.reshape(1, kh * kw, 1).expand(1, kh * kw, count)
+        normalization = F.fold(weight, (height, width), **fold_args)
+        batch = x_t.shape[0]
+        x_tiles = F.unfold(x_t, **fold_args).view(batch, -1, kh, kw, count)
+        c_tiles = F.unfold(condition, **fold_args).view(batch, -1, kh, kw, count)
+        outputs = torch.stack([self.predict_noise(x_tiles[..., i], t, c_tiles[..., i]) for i in range(count)], dim=-1)
+        outputs = outputs * weight.view(1, 1, kh, kw, count)
+        return F.fold(outputs.view(batch, -1, count), (height, width), **fold_args) / normalization
+
+    @torch.no_grad()
+    def sample(
+        self,
+        condition: torch.Tensor,
+        steps: int,
+        eta: float = 1.0,
+        x_T: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        tiles: dict | None = None,
+    ) -> torch.Tensor:
+        """LDM's DDIM sampling (DDIMSampler.sample with eps prediction, no clipping of x0): the final
+        latent, not decoded. ``condition`` (B, 3, H, W) in [-1, 1] has the latent's size; ``x_T``
+        defaults to one (1, C, H, W) draw shared by the batch; ``tiles`` as LDM's split_input_params
+        (ks, stride, clip_min_weight, clip_max_weight) runs the UNet on blended tiles."""
+        batch, _, height, width = condition.shape
+        if x_T is None:
+            x_T = torch.randn((1, self.unet.config.out_channels, height, width), generator=generator)
+        x = x_T.to(condition).expand(batch, -1, -1, -1).clone()
+        timesteps, alphas, alphas_prev, sigmas = self.ddim_schedule(steps, eta)
+        for index in reversed(range(len(timesteps))):
+            t = torch.full((batch,), int(timesteps[index]), device=x.device, dtype=torch.long)
+            eps = self.predict_noise(x, t, condition) if tiles is None else self._tiled_noise(x, t, condition, tiles)
+            a_t, a_prev, sigma = (v[index].to(x) for v in (alphas, alphas_prev, sigmas))
+            pred_x0 = (x - (1.0 - alphas[index]).sqrt().to(x) * eps) / a_t.sqrt()
+            x = a_prev.sqrt() * pred_x0 + (1.0 - a_prev - sigma**2).sqrt() * eps
+            if eta > 0:
+                x = x + sigma * torch.randn(x.shape, generator=generator).to(x)
+        return x
+
     def generate(self, blurry: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         """``decode(sample(blurry))`` for a blurry batch of any size (first three channels read),
         unclamped; sampling runs without gradients, decoding with them (for fine-tuning it)."""
         padded, (height, width) = pad_to_multiple(blurry[:, :IMAGE_CHANNELS], self.size_multiple)
-        return self.decode(self.sample_latents(padded, steps))[..., :height, :width]
+        return to_image_range(self.decode(self.sample_latents(padded, steps)))[..., :height, :width]
+
+    def official_prior(self, blurry: torch.Tensor, steps: int | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """The released code's prior of a blurry batch in [0, 1] of any size: the raw latent sampled
+        at the image's size with the blurry image as condition, clamped and mapped to [0, 1]."""
+        condition = to_model_range(blurry[:, :IMAGE_CHANNELS])
+        height, width = condition.shape[-2:]
+        (tile_height, tile_width), (stride_height, stride_width) = self.split_input["ks"], self.split_input["stride"]
+        tiled = height > tile_height or width > tile_width
+        # Reflect-padded so that the UNet's levels (and the split-input tiles) fit, cropped back.
+        multiple = math.lcm(self.unet_multiple, stride_height, stride_width) if tiled else self.unet_multiple
+        padded, _ = pad_to_multiple(condition, multiple)
+        tiles = None
+        if tiled:  # a side shorter than a tile gets one tile of its length
+            tiles = self.split_input | {"ks": (min(tile_height, padded.shape[-2]), min(tile_width, padded.shape[-1]))}
+        latent = self.sample(padded, steps or self.sampling_steps, self.eta, x_T=x_T, generator=self._generator(), tiles=tiles)
+        return to_image_range(latent.clamp(-1.0, 1.0))[..., :height, :width]
 
     def forward(self, blurry: torch.Tensor, steps: int | None = None) -> torch.Tensor:
-        """The prior image in [0, 1] of a blurry batch of any size."""
+        """The prior in [0, 1] of a blurry batch of any size (``self.prior`` says which)."""
+        if self.prior == "official":
+            return self.official_prior(blurry, steps)
         return self.generate(blurry, steps).clamp(0.0, 1.0)
 
 

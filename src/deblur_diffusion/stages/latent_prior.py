@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from deblur_diffusion.checkpoints import CheckpointError, lightning_weights, load_weights
 from deblur_diffusion.models.blocks import pad_to_multiple
-from deblur_diffusion.models.latent_prior import LatentPriorModel, PriorFusedNet
+from deblur_diffusion.models.latent_prior import LatentPriorModel, PriorFusedNet, to_model_range
 from deblur_diffusion.stages.regression import RegressionStage
 
 LDM_PARTS = ("autoencoder", "unet")
@@ -41,8 +41,8 @@ def load_diffusers_folder(folder: str | Path, net: LatentPriorModel) -> None:
         raise CheckpointError(
             f"no diffusers-format LDM weights in {folder}: expected {layout}. Download "
             "CompVis/ldm-super-resolution-4x-openimages (git clone of its Hugging Face repository) on a machine with "
-            "internet and copy the folder here. An original CompVis model.ckpt must first be converted with "
-            "diffusers' scripts/convert_ldm_original_checkpoint_to_diffusers.py."
+            "internet and copy the folder here. An original CompVis model.ckpt + config.yaml loads directly with "
+            "deblur_diffusion.models.load_compvis_ldm (generate_prior ldm_config=...)."
         )
     load_weights(net.autoencoder, VQModel.from_pretrained(folder, subfolder="vqvae").state_dict(), f"{folder}/vqvae")
     load_weights(net.unet, UNet2DModel.from_pretrained(folder, subfolder="unet").state_dict(), f"{folder}/unet")
@@ -116,7 +116,7 @@ class AutoencoderStage(LatentPriorStage):
         batch = next(iter(self.trainer.train_dataloader))
         sharp = batch["gt"].to(self.device)
         with torch.no_grad():
-            latents = self.net.encode(pad_to_multiple(sharp, self.net.downsample)[0])
+            latents = self.net.encode(to_model_range(pad_to_multiple(sharp, self.net.downsample)[0]))
         vectors = rearrange(latents, "b c h w -> (b h w) c")
         codebook = self.net.autoencoder.quantize.embedding.weight
         picks = torch.randint(vectors.shape[0], (codebook.shape[0],), generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,170 @@
+"""The CompVis LDM-BSR checkpoint as released, through ``load_compvis_ldm``: parity with
+fixtures/official_parity/ldm_sr (a tiny random-weight model in the official format, outputs made
+with the official code), Lightning-era checkpoints read with ``weights_only=True``, and the
+official architecture's parameter counts."""
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from deblur_diffusion.checkpoints import CheckpointError
+from deblur_diffusion.models import load_compvis_ldm
+from deblur_diffusion.models.compvis_ldm import read_ldm_config, unet_from_ldm, vq_from_ldm
+
+NETWORK_TOLERANCE = 1e-5
+SAMPLE_TOLERANCE = 1e-4  # the first DDIM step amplifies float32 reordering noise (meta.json)
+
+
+@pytest.fixture(scope="module")
+def ldm_sr(parity_dir):
+    folder = parity_dir / "ldm_sr"
+    meta = json.loads((folder / "meta.json").read_text())
+    inputs, outputs = (torch.load(folder / f"{name}.pt", weights_only=True) for name in ("inputs", "outputs"))
+    return folder, meta, inputs, outputs
+
+
+def max_error(value, expected):
+    return (value.double() - expected.double()).abs().max().item()
+
+
+@torch.no_grad()
+def test_networks_match_the_official_code(ldm_sr):
+    folder, _, inputs, outputs = ldm_sr
+    ema = load_compvis_ldm(folder / "model.ckpt", folder / "config.yaml")
+    raw = load_compvis_ldm(folder / "model.ckpt", folder / "config.yaml", use_ema=False)
+    assert max_error(raw.predict_noise(inputs["x_t"], inputs["t"], inputs["condition"]), outputs["eps"]) < NETWORK_TOLERANCE
+    assert max_error(ema.predict_noise(inputs["x_t"], inputs["t"], inputs["condition"]), outputs["eps_ema"]) < NETWORK_TOLERANCE
+    assert max_error(ema.encode(inputs["image"]), outputs["encoded"]) < NETWORK_TOLERANCE
+    assert max_error(ema.quantize(outputs["encoded"]), outputs["encoded_quantized"]) < NETWORK_TOLERANCE
+    assert max_error(ema.decode(inputs["latent"]), outputs["decoded"]) < NETWORK_TOLERANCE
+    assert max_error(ema.decode(inputs["latent"], force_not_quantize=True), outputs["decoded_not_quantized"]) < NETWORK_TOLERANCE
+
+
+@torch.no_grad()
+def test_ddim_sampling_matches_the_official_sampler(ldm_sr):
+    folder, meta, inputs, outputs = ldm_sr
+    model = load_compvis_ldm(folder / "model.ckpt", folder / "config.yaml")
+    timesteps, alphas, alphas_prev, _ = model.ddim_schedule(meta["S"], 0.0)
+    assert torch.equal(timesteps, outputs["ddim_timesteps"]) and torch.equal(timesteps.flip(0), outputs["ddim_step_t"])
+    for value, name in ((alphas, "ddim_alphas"), (alphas_prev, "ddim_alphas_prev"), (model.alphas_cumprod, "alphas_cumprod")):
+        assert max_error(value, outputs[name]) < 1e-7, name
+    sample = model.sample(inputs["condition"], meta["S"], eta=0.0, x_T=inputs["x_T"])
+    assert max_error(sample, outputs["ddim_eta0"]) < SAMPLE_TOLERANCE
+    tiled = model.sample(inputs["condition"], meta["S"], eta=0.0, x_T=inputs["x_T"], tiles=meta["split_input_params"])
+    assert max_error(tiled, outputs["ddim_eta0_tiled"]) < SAMPLE_TOLERANCE
+
+
+def write_lightning_era_checkpoint(folder, path):
+    """A checkpoint shaped like one written by Lightning 1.x: training state, and the callbacks'
+    state keyed by the callback class itself (so the pickle names a Lightning class)."""
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    callback_class = type("ModelCheckpoint", (), {"__module__": module.__name__})
+    module.ModelCheckpoint = callback_class
+    names = ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__)
+    saved = {name: sys.modules.get(name) for name in names}
+    sys.modules.update({"pytorch_lightning": types.ModuleType("pytorch_lightning"),
+                        "pytorch_lightning.callbacks": types.ModuleType("pytorch_lightning.callbacks"), module.__name__: module})
+    try:
+        state = torch.load(folder / "model.ckpt", weights_only=True)["state_dict"]
+        torch.save({"epoch": 3, "global_step": 12345, "pytorch-lightning_version": "1.4.2",
+                    "callbacks": {callback_class: {"best_model_score": torch.tensor(0.1, dtype=torch.float64)}},
+                    "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-6, "betas": (0.9, 0.999), "params": [0]}]}],
+                    "state_dict": state}, path)
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+
+
+def test_a_lightning_era_checkpoint_loads_with_weights_only(ldm_sr, tmp_path):
+    folder, _, inputs, outputs = ldm_sr
+    path = tmp_path / "model.ckpt"
+    write_lightning_era_checkpoint(folder, path)
+    with pytest.raises(Exception, match="ModelCheckpoint"):
+        torch.load(path, weights_only=True)
+    model = load_compvis_ldm(path, folder / "config.yaml")
+    with torch.no_grad():
+        assert max_error(model.predict_noise(inputs["x_t"], inputs["t"], inputs["condition"]), outputs["eps_ema"]) < NETWORK_TOLERANCE
+
+
+def test_files_that_do_not_fit_are_named(ldm_sr, tmp_path):
+    folder, _, _, _ = ldm_sr
+    state = torch.load(folder / "model.ckpt", weights_only=True)["state_dict"]
+    without_ema = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
+    torch.save({"state_dict": without_ema}, tmp_path / "raw_only.ckpt")
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        load_compvis_ldm(tmp_path / "raw_only.ckpt", folder / "config.yaml")
+    config = OmegaConf.load(folder / "config.yaml")
+    config.model.params.unet_config.params.model_channels = 64
+    OmegaConf.save(config, tmp_path / "other.yaml")
+    with pytest.raises(CheckpointError, match=r"does not fit UNet2DModel: .*wrong shape"):
+        load_compvis_ldm(folder / "model.ckpt", tmp_path / "other.yaml")
+
+
+OFFICIAL_LDM_BSR = {
+    "model": {
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "unet_config": {"params": {"image_size": 64, "in_channels": 6, "out_channels": 3, "model_channels": 160,
+                                       "attention_resolutions": [16, 8], "num_res_blocks": 2, "channel_mult": [1, 2, 2, 4],
+                                       "num_head_channels": 32}},
+            "first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface",
+                                   "params": {"embed_dim": 3, "n_embed": 8192,
+                                              "ddconfig": {"double_z": False, "z_channels": 3, "resolution": 256, "in_channels": 3,
+                                                           "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4], "num_res_blocks": 2,
+                                                           "attn_resolutions": [], "dropout": 0.0}}},
+        },
+    }
+}
+
+
+def test_the_official_configuration_has_the_official_parameter_counts(tmp_path):
+    OmegaConf.save(OmegaConf.create(OFFICIAL_LDM_BSR), tmp_path / "config.yaml")
+    params = read_ldm_config(tmp_path / "config.yaml")
+    with torch.device("meta"):
+        unet, _ = unet_from_ldm(params["unet_config"]["params"])
+        first_stage = vq_from_ldm(params["first_stage_config"]["params"])
+    # REFERENCE.md: the released LDM-BSR UNet and VQ first stage.
+    assert sum(p.numel() for p in unet.parameters()) == 113_622_563
+    assert sum(p.numel() for p in first_stage.parameters()) == 55_322_782
+
+
+@torch.no_grad()
+def test_the_official_prior_is_the_clamped_raw_latent_of_the_full_resolution_condition(ldm_sr):
+    folder, meta, inputs, outputs = ldm_sr
+    model = load_compvis_ldm(folder / "model.ckpt", folder / "config.yaml")
+    model.eta = 0.0
+    blurry = (inputs["condition"] + 1) / 2  # the image whose [-1, 1] version is the fixture's condition
+    prior = model.official_prior(blurry, steps=meta["S"], x_T=inputs["x_T"])
+    assert prior.shape == blurry.shape
+    assert max_error(prior, (outputs["ddim_eta0"].clamp(-1, 1) + 1) / 2) < SAMPLE_TOLERANCE
+
+
+@pytest.mark.slow
+def test_the_official_chain_runs_end_to_end_on_the_tiny_fixture_model(ldm_sr, tmp_path):
+    from conftest import FAST_TRAINER, run_cli
+
+    folder = ldm_sr[0]
+    assert run_cli("data.synthesize", f"out={tmp_path}/GoPro", "train_pairs=4", "test_pairs=2", "image_size=40", cwd=tmp_path).returncode == 0
+    for split in ("train", "val", "test"):
+        made = run_cli("generate_prior", f"ckpt={folder / 'model.ckpt'}", f"ldm_config={folder / 'config.yaml'}", "data=gopro",
+                       f"paths.data_dir={tmp_path}", f"split={split}", f"out={tmp_path}/priors", "steps=2", cwd=tmp_path)
+        assert made.returncode == 0, made.stderr[-3000:]
+    manifest = json.loads((tmp_path / "priors" / "train" / "manifest.json").read_text())
+    assert manifest["prior"] == "official" and len(manifest["priors"]) == 4
+    tiny = ["dim=8", "num_blocks=[1,1,1,1]", "num_refinement_blocks=1", "heads=[1,1,1,1]", "window_size=4"]
+    trained = run_cli("train", "model=swintormer", *[f"model.net.{o}" for o in tiny], "data=gopro", f"paths.data_dir={tmp_path}",
+                      f"data.prior_dir={tmp_path}/priors", "data.patch_schedule=[[0,32,2]]", "data.num_workers=0", *FAST_TRAINER,
+                      "test=false", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    evaluated = run_cli("evaluate", f"ckpt={tmp_path}/run/checkpoints/last.ckpt", "data=gopro", f"paths.data_dir={tmp_path}",
+                        f"data.prior_dir={tmp_path}/priors", "inference=swintormer_release", "inference.tile_size=32",
+                        "inference.stride=16", "lpips=false", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["summary"]["all"]["images"] == 2
