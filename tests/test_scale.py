@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,21 +151,21 @@ def tiny_hidiff_transformer():
     return PriorGuidedRestormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1], embed_dim=8)
 
 
-def stages():
+def stages(**options):
     adam = torch.optim.AdamW
     l1 = torch.nn.L1Loss()
     tiny = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1])
     return {
-        "restormer": RegressionStage(Restormer(**tiny), l1, adam),
-        "swintormer": RegressionStage(Swintormer(inp_channels=3, window_size=4, **tiny), l1, adam),
-        "hidiff_s1": HIDiffStageOne(HIDiffStageOneNet(tiny_hidiff_transformer(), LatentEncoder(embed_dim=8, block_num=1)), l1, adam),
+        "restormer": RegressionStage(Restormer(**tiny), l1, adam, **options),
+        "swintormer": RegressionStage(Swintormer(inp_channels=3, window_size=4, **tiny), l1, adam, **options),
+        "hidiff_s1": HIDiffStageOne(HIDiffStageOneNet(tiny_hidiff_transformer(), LatentEncoder(embed_dim=8, block_num=1)), l1, adam, **options),
         "hidiff_s2": HIDiffStageTwo(
             HIDiff(tiny_hidiff_transformer(), LatentEncoder(3, 8, 1, stage=2), MixerDenoiser(32, 32, 16, 3), PriorDiffusion()),
-            LatentEncoder(embed_dim=8, block_num=1), l1, adam,
+            LatentEncoder(embed_dim=8, block_num=1), l1, adam, **options,
         ),
-        "ldm_autoencoder": AutoencoderStage(tiny_model(), l1, adam),
-        "ldm_prior": LatentDiffusionStage(tiny_model(), l1, adam),
-        "ldm_decoder_finetune": DecoderFinetuneStage(tiny_model(), l1, adam),
+        "ldm_autoencoder": AutoencoderStage(tiny_model(), l1, adam, **options),
+        "ldm_prior": LatentDiffusionStage(tiny_model(), l1, adam, **options),
+        "ldm_decoder_finetune": DecoderFinetuneStage(tiny_model(), l1, adam, **options),
     }
 
 
@@ -251,3 +252,53 @@ def test_the_notebooks_run_top_to_bottom_on_tiny_runs(tmp_path):
     assert "skipped" not in text_outputs(prior)
     images = [o for c in prior.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 4
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_compile_network_compiles_the_modules_that_the_training_step_calls(name, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *args, **kwargs: compiled.append(module))
+    stage = stages(compile_network=True)[name]
+    compiled = [module for module in compiled if any(module is own for own in stage.modules())]
+    assert compiled, "nothing was compiled"
+    called = set()
+    hooks = [module.register_forward_hook(lambda module, inputs, output: called.add(id(module))) for module in compiled]
+    sum(stage.training_losses(tiny_batch()).values()).backward()
+    for hook in hooks:
+        hook.remove()
+    # Every compiled module runs in the step, and they hold the trained weights (all but the VQ
+    # model's 1x1 quant convs and codebook, which are not worth a compiled graph).
+    assert all(id(module) in called for module in compiled), [type(m).__name__ for m in compiled if id(m) not in called]
+    covered = {id(p) for module in compiled for p in module.parameters()}
+    trained = stage.trainable_parameters()
+    share = sum(p.numel() for p in trained if id(p) in covered) / sum(p.numel() for p in trained)
+    assert share > 0.95, share
+
+
+def test_fsdp_with_an_ema_copy_is_a_config_error_before_training():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from deblur_diffusion.errors import ConfigError
+
+    stage = stages(ema_decay=0.9)["restormer"]
+    stage._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ConfigError, match="model.ema_decay=null or use trainer=ddp"):
+        stage.setup("fit")
+
+
+@pytest.mark.slow
+def test_an_optuna_trial_on_two_ranks_is_one_trial(tmp_path):
+    result = run_cli(
+        "train", "-m", "hparams_search=regression", *TINY_RESTORMER, *[o for o in TINY_SYNTHETIC if "patch_schedule" not in o],
+        *FAST_TRAINER, "trainer=ddp_sim", "test=false", "hydra.sweeper.n_trials=2", "sweep.patch_size=32", "sweep.batch_size=2",
+        f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
+    assert len(list((tmp_path / "sweep").rglob("optimization_results.yaml"))) == 1  # one study, not one per rank
+    output = result.stdout + result.stderr
+    assert output.count("MEMBER: 2/2") == 2  # each trial started its second rank once
+    assert output.count("Best value") == 1  # and no rank ran a study of its own
+    for trial in ("0", "1"):
+        # The batch plan of the trial: global batch 2 over 2 ranks.
+        assert re.search(r"│\s+0 │\s+32 │\s+2 │\s+1 │\s+2 │\s+1 │", (tmp_path / "sweep" / trial / "train.log").read_text())

@@ -7,14 +7,19 @@ returns the monitored metric so that Hydra sweepers can optimise it.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 from rich.console import Console
 from rich.table import Table
 
@@ -116,11 +121,42 @@ def train(cfg: DictConfig) -> float | None:
     return float(metrics[optimized])
 
 
+# What Lightning's subprocess launcher sets in the launching process.
+DDP_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def relaunch_ranks_as_this_trial() -> None:
+    """In a sweep (Hydra multirun), makes Lightning's DDP launcher start the other ranks on this
+    trial only: it re-runs the parent's command line, which would otherwise start a sweep (and an
+    Optuna study) of its own in every rank. The ranks get this job's overrides in run mode, in this
+    job's folder."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    with read_write(hydra_cfg):
+        # Lightning passes hydra.run.dir=<this> to the ranks it starts.
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 @report_errors
 def main(cfg: DictConfig) -> float | None:
     pass_lightning_messages_to_run_log()
-    return train(cfg)
+    relaunch_ranks_as_this_trial()
+    launcher_environment = {name: os.environ.get(name) for name in DDP_LAUNCH_VARIABLES}
+    try:
+        return train(cfg)
+    finally:
+        # The ranks of this run exit with it: the next sweep trial starts its own ranks and process
+        # group (Lightning's launcher leaves its variables set, which would make it start none).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for name, value in launcher_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 if __name__ == "__main__":

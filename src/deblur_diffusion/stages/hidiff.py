@@ -95,6 +95,11 @@ class HIDiffStageTwo(RegressionStage):
         self.joint_training = joint_training
         self.prior_scope = prior_scope
 
+    @staticmethod
+    def modules_to_compile(net: HIDiff) -> list[nn.Module]:
+        # The training step calls the parts one by one (the reverse chain loops in Python).
+        return [net.transformer, net.condition_encoder, net.denoiser]
+
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
         net = self.inference_net
         if self.prior_scope == "tile" or self.inference.mode == "whole":

@@ -62,6 +62,13 @@ class LatentPriorStage(RegressionStage):
     trained_parts: tuple[str, ...] = ()
     inherited_parts: tuple[str, ...] = ()
 
+    # What the training step runs (through encode / decode / the UNet, not LatentPriorModel.forward).
+    compiled_parts: tuple[str, ...] = ()
+
+    @classmethod
+    def modules_to_compile(cls, net: LatentPriorModel) -> list[nn.Module]:
+        return [net.get_submodule(part) for part in cls.compiled_parts]
+
     def __init__(
         self,
         net: LatentPriorModel,
@@ -94,6 +101,7 @@ class AutoencoderStage(LatentPriorStage):
 
     trained_parts = ("autoencoder",)
     inherited_parts = ("autoencoder",)
+    compiled_parts = ("autoencoder.encoder", "autoencoder.decoder")
 
     def __init__(
         self,
@@ -138,6 +146,7 @@ class LatentDiffusionStage(LatentPriorStage):
 
     trained_parts = ("unet",)
     inherited_parts = ("autoencoder",)
+    compiled_parts = ("autoencoder.encoder", "unet")
 
     def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss": self.net.noise_prediction_loss(batch["gt"], batch["lq"])}
@@ -149,6 +158,7 @@ class DecoderFinetuneStage(LatentPriorStage):
 
     trained_parts = DECODER_PARTS
     inherited_parts = LDM_PARTS
+    compiled_parts = ("unet", "autoencoder.decoder")
 
     def training_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss": self.loss(self.net.generate(batch["lq"]), batch["gt"])}
@@ -162,6 +172,11 @@ class PriorFusedStage(RegressionStage):
         prior_ckpt: a checkpoint of ``model=ldm_decoder_finetune`` whose model computes the prior.
         Other arguments as :class:`RegressionStage`.
     """
+
+    @staticmethod
+    def modules_to_compile(net: PriorFusedNet) -> list[nn.Module]:
+        # The restoration network, and the prior's UNet and decoder inside its sampling loop.
+        return [net.net, net.prior.unet, net.prior.autoencoder.decoder]
 
     def __init__(self, net: PriorFusedNet, loss: nn.Module, optimizer: Callable[..., Optimizer], prior_ckpt: str | None = None, **kwargs):
         if prior_ckpt is not None:

@@ -13,13 +13,15 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from deblur_diffusion.errors import DeblurError
+from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.metrics import ssim
 
@@ -63,9 +65,16 @@ class RegressionStage(L.LightningModule):
             and test with it (None: no EMA).
         inference: how validation, testing and ``forward`` run the network: on whole images
             (default) or on overlapping tiles.
-        compile_network: compile the network with ``torch.compile`` (in place, so checkpoints
-            keep their parameter names).
+        compile_network: compile with ``torch.compile`` the modules that the training step calls
+            (:meth:`modules_to_compile`), in place, so checkpoints keep their parameter names.
     """
+
+    @staticmethod
+    def modules_to_compile(net: nn.Module) -> list[nn.Module]:
+        """The modules whose calls the training step goes through (compiling a parent whose
+        ``forward`` is never called would compile nothing that trains)."""
+        return [net]
+
 
     def __init__(
         self,
@@ -80,7 +89,8 @@ class RegressionStage(L.LightningModule):
     ):
         super().__init__()
         if compile_network:
-            net.compile()
+            for module in self.modules_to_compile(net):
+                module.compile()
         self.net = net
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -170,8 +180,21 @@ class RegressionStage(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip_norm
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+        if not clip:
+            return
+        if isinstance(self.trainer.model, FullyShardedDataParallel) and (gradient_clip_algorithm or "norm") == "norm":
+            # Lightning's FSDP precision plugin refuses norm clipping; FSDP computes the global
+            # norm over the shards itself.
+            self.trainer.model.clip_grad_norm_(clip)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    def setup(self, stage: str) -> None:
+        if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ConfigError(
+                "model.ema_decay is set but trainer=fsdp shards the weights the EMA copy averages; "
+                "set model.ema_decay=null or use trainer=ddp"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
