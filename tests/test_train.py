@@ -45,12 +45,22 @@ def test_restormer_presets_compose(tmp_path, experiment):
         assert cfg.trainer.max_steps == 300000 and cfg.trainer.val_check_interval == 4000 * 8
 
 
-def test_swintormer_dpdd_preset_holds_the_paper_settings(tmp_path):
-    cfg = compose_train(tmp_path, "experiment=swintormer_dpdd")
+# REFERENCE.md, "Training recipes": Swintormer as its paper states it, and as its released option file.
+SWINTORMER_RECIPES = {
+    "swintormer_dpdd": dict(batch=11, steps=300_000, periods=[300_000], eta_mins=[1e-6]),
+    "swintormer_dpdd_release": dict(batch=9, steps=5_000_000, periods=[12_000, 840_000], eta_mins=[3e-4, 1e-5]),
+}
+
+
+@pytest.mark.parametrize("experiment", list(SWINTORMER_RECIPES))
+def test_swintormer_presets_hold_their_sources_recipe(tmp_path, experiment):
+    recipe = SWINTORMER_RECIPES[experiment]
+    cfg = compose_train(tmp_path, f"experiment={experiment}")
     assert cfg.model.net.inp_channels == 6 and list(cfg.data.train.views) == ["r", "l"]
-    assert cfg.model.optimizer.lr == 3e-4 and cfg.model.optimizer.weight_decay == 1e-4
-    assert cfg.model.scheduler.eta_mins[-1] == 1e-6 and cfg.model.ema_decay == 0.999
-    assert cfg.model.grad_clip_norm == 0.01 and list(cfg.data.patch_schedule) == [[0, 256, 9]]
+    assert cfg.model.optimizer.lr == 3e-4 and cfg.model.optimizer.weight_decay == 1e-4 and list(cfg.model.optimizer.betas) == [0.9, 0.99]
+    assert cfg.model.ema_decay == 0.999 and cfg.model.grad_clip_norm == 0.01
+    assert [list(p) for p in cfg.data.patch_schedule] == [[0, 256, recipe["batch"]]] and cfg.trainer.max_steps == recipe["steps"]
+    assert list(cfg.model.scheduler.periods) == recipe["periods"] and list(cfg.model.scheduler.eta_mins) == recipe["eta_mins"]
     assert cfg.inference.mode == "tiles" and (cfg.inference.tile_size, cfg.inference.stride) == (256, 220)
 
 
