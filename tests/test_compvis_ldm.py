@@ -168,3 +168,21 @@ def test_the_official_chain_runs_end_to_end_on_the_tiny_fixture_model(ldm_sr, tm
                         "inference.stride=16", "lpips=false", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["summary"]["all"]["images"] == 2
+
+
+def test_summary_shows_the_released_counts_beside_the_official_config(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from rich.console import Console
+
+    from deblur_diffusion.cli import config_dir
+    from deblur_diffusion.summary import summary_table
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("summary", overrides=["model=ldm_prior"])
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    console = Console(width=200, record=True)
+    console.print(summary_table(model, 64, 64, 3))
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 3}
+    assert rows["unet"].count("113,622,563") == 2 and rows["autoencoder"].count("55,322,782") == 2

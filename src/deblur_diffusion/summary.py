@@ -2,7 +2,8 @@
 
 Prints the parameters and multiply-accumulates (GMACs = FLOPs / 2, counted by PyTorch's
 ``FlopCounterMode`` on one inference pass) of every network that runs at inference, broken down by
-its top-level blocks.
+its top-level blocks; networks that state the counts of a released model (the LDM-BSR prior) show
+them beside their own.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def summary_table(model: nn.Module, height: int, width: int, in_channels: int, b
     table.add_column("module")
     table.add_column("parameters", justify="right")
     table.add_column("GMACs", justify="right")
+    released = {name: getattr(network, "RELEASED_PARAMETERS", {}) for name, network in networks.items()}
+    if any(released.values()):
+        table.add_column("released model", justify="right")
     owner_of = {id(module): name for name, module in model.named_modules()}
     total_params = 0
     for name, network in networks.items():
@@ -66,7 +70,9 @@ def summary_table(model: nn.Module, height: int, width: int, in_channels: int, b
         table.add_row(f"[bold]{name}[/] ({type(network).__name__})", f"{params:,}", f"{flops_by_path.get(path, 0) / 2e9:.3f}")
         for child_name, child in network.named_children():
             child_flops = module_flops(flops_by_path, f"{path}.{child_name}")
-            table.add_row(f"  {child_name}", f"{count_parameters(child):,}", f"{child_flops / 2e9:.3f}")
+            reference = released[name].get(child_name)
+            extra = [f"{reference:,}"] if reference is not None else []
+            table.add_row(f"  {child_name}", f"{count_parameters(child):,}", f"{child_flops / 2e9:.3f}", *extra)
     table.add_section()
     table.add_row("[bold]total[/]", f"[bold]{total_params:,}[/]", f"[bold]{total_flops / 2e9:.2f}[/]")
     return table

@@ -49,6 +49,9 @@ def to_image_range(values: torch.Tensor) -> torch.Tensor:
 class LatentPriorModel(nn.Module):
     """VQ autoencoder + conditional UNet + their noise schedule.
 
+    ``RELEASED_PARAMETERS``: the parameter counts of the released LDM-BSR model (``model_ema`` UNet
+    and VQ first stage of ``ldm/bsr_sr/model.ckpt``), which ``model/ldm_net=official`` reproduces.
+
     Args:
         autoencoder: the VQ autoencoder (its latent channels are the UNet's output channels).
         unet: the denoiser; reads ``latent_channels + 3`` channels (latent, then the condition).
@@ -65,6 +68,8 @@ class LatentPriorModel(nn.Module):
         split_input: LDM's split-input settings for the official prior (latent tiles ``ks`` every
             ``stride``, weights clipped to [clip_min_weight, clip_max_weight]).
     """
+
+    RELEASED_PARAMETERS = {"autoencoder": 55_322_782, "unet": 113_622_563}
 
     def __init__(
         self,
