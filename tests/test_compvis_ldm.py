@@ -186,3 +186,21 @@ def test_summary_shows_the_released_counts_beside_the_official_config(tmp_path):
     console.print(summary_table(model, 64, 64, 3))
     rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 3}
     assert rows["unet"].count("113,622,563") == 2 and rows["autoencoder"].count("55,322,782") == 2
+
+
+@torch.no_grad()
+def test_the_online_prior_loads_the_released_checkpoint(ldm_sr):
+    from deblur_diffusion.models import LatentPriorModel, PriorFusedNet, Swintormer
+    from deblur_diffusion.stages import PriorFusedStage
+
+    folder, _, inputs, outputs = ldm_sr
+    params = read_ldm_config(folder / "config.yaml")
+    unet, _ = unet_from_ldm(params["unet_config"]["params"])
+    prior = LatentPriorModel(vq_from_ldm(params["first_stage_config"]["params"]), unet, prior="official", sampling_steps=2)
+    restorer = Swintormer(inp_channels=6, dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1], window_size=4)
+    stage = PriorFusedStage(PriorFusedNet(prior, restorer), torch.nn.L1Loss(), torch.optim.AdamW,
+                            prior_ckpt=str(folder / "model.ckpt"), prior_ldm_config=str(folder / "config.yaml"))
+    eps = stage.net.prior.predict_noise(inputs["x_t"], inputs["t"], inputs["condition"])
+    assert max_error(eps, outputs["eps_ema"]) < NETWORK_TOLERANCE
+    assert max_error(stage.net.prior.alphas_cumprod, outputs["alphas_cumprod"]) == 0
+    assert stage.net(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)

@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from deblur_diffusion.checkpoints import CheckpointError, lightning_weights, load_weights
 from deblur_diffusion.models.blocks import pad_to_multiple
+from deblur_diffusion.models.compvis_ldm import load_compvis_ldm
 from deblur_diffusion.models.latent_prior import LatentPriorModel, PriorFusedNet, to_model_range
 from deblur_diffusion.stages.regression import RegressionStage
 
@@ -169,7 +170,11 @@ class PriorFusedStage(RegressionStage):
 
     Args:
         net: a :class:`PriorFusedNet` (frozen prior model + restoration network).
-        prior_ckpt: a checkpoint of ``model=ldm_decoder_finetune`` whose model computes the prior.
+        prior_ckpt: where the prior model's weights come from: a checkpoint of
+            ``model=ldm_decoder_finetune``, or with ``prior_ldm_config`` the released CompVis
+            LDM-BSR ``model.ckpt`` (its EMA weights, into the configured architecture, which must be
+            the released one: ``model/ldm_net=official``).
+        prior_ldm_config: the CompVis ``config.yaml`` that goes with ``prior_ckpt``.
         Other arguments as :class:`RegressionStage`.
     """
 
@@ -178,7 +183,19 @@ class PriorFusedStage(RegressionStage):
         # The restoration network, and the prior's UNet and decoder inside its sampling loop.
         return [net.net, net.prior.unet, net.prior.autoencoder.decoder]
 
-    def __init__(self, net: PriorFusedNet, loss: nn.Module, optimizer: Callable[..., Optimizer], prior_ckpt: str | None = None, **kwargs):
-        if prior_ckpt is not None:
+    def __init__(
+        self,
+        net: PriorFusedNet,
+        loss: nn.Module,
+        optimizer: Callable[..., Optimizer],
+        prior_ckpt: str | None = None,
+        prior_ldm_config: str | None = None,
+        **kwargs,
+    ):
+        if prior_ckpt is not None and prior_ldm_config is not None:
+            released = load_compvis_ldm(prior_ckpt, prior_ldm_config, use_ema=True)
+            load_weights(net.prior, released.state_dict(), f"{prior_ckpt} (as model.net.prior)")
+            net.prior.alphas_cumprod.copy_(released.alphas_cumprod)
+        elif prior_ckpt is not None:
             load_weights(net.prior, lightning_weights(prior_ckpt, "net"), f"{prior_ckpt} (net)")
         super().__init__(net, loss, optimizer, **kwargs)
