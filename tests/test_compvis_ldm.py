@@ -140,10 +140,15 @@ def test_the_official_prior_is_the_clamped_raw_latent_of_the_full_resolution_con
     folder, meta, inputs, outputs = ldm_sr
     model = load_compvis_ldm(folder / "model.ckpt", folder / "config.yaml")
     model.eta = 0.0
+    model.condition_multiple = 8  # the fixture's 32 px condition is not padded (the official 128 would)
     blurry = (inputs["condition"] + 1) / 2  # the image whose [-1, 1] version is the fixture's condition
+    model.split_input = meta["split_input_params"] | {"ks": (32, 32)}  # one tile: the plain DDIM run
     prior = model.official_prior(blurry, steps=meta["S"], x_T=inputs["x_T"])
     assert prior.shape == blurry.shape
     assert max_error(prior, (outputs["ddim_eta0"].clamp(-1, 1) + 1) / 2) < SAMPLE_TOLERANCE
+    model.split_input = meta["split_input_params"]  # 16 px tiles every 8: the split-input run
+    tiled = model.official_prior(blurry, steps=meta["S"], x_T=inputs["x_T"])
+    assert max_error(tiled, (outputs["ddim_eta0_tiled"].clamp(-1, 1) + 1) / 2) < SAMPLE_TOLERANCE
 
 
 @pytest.mark.slow

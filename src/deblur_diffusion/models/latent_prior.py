@@ -13,8 +13,8 @@ Two priors (``prior``):
 * ``"official"`` (the released ``generate_feature.py``, the default): the pretrained LDM-BSR model
   conditioned on the blurry image at **full resolution** in [-1, 1]; a latent of the image's own
   size is sampled with DDIM (eta 1, T steps, a seed) and used raw, clamped to [-1, 1] and mapped to
-  [0, 1]; it is not decoded. Images larger than one 128 px tile go through LDM's split-input path
-  (overlapping tiles blended at every step).
+  [0, 1]; it is not decoded. The condition is reflect-padded to a multiple of 128 and sampled
+  through LDM's split-input path (128 px tiles every 64 px, blended at every step).
 * ``"paper_decoder"`` (the paper text): the condition area-downsampled to the latent size, the
   sampled latent decoded into an RGB image of the input's size, with a decoder fine-tuned for it
   (``model=ldm_decoder_finetune``).
@@ -67,6 +67,7 @@ class LatentPriorModel(nn.Module):
         prior: ``"official"`` or ``"paper_decoder"`` (see the module docstring): what ``forward`` returns.
         split_input: LDM's split-input settings for the official prior (latent tiles ``ks`` every
             ``stride``, weights clipped to [clip_min_weight, clip_max_weight]).
+        condition_multiple: the official prior pads the condition to a multiple of this (128).
     """
 
     RELEASED_PARAMETERS = {"autoencoder": 55_322_782, "unet": 113_622_563}
@@ -86,6 +87,7 @@ class LatentPriorModel(nn.Module):
         scale_factor: float = 1.0,
         prior: str = "official",
         split_input: dict | None = None,
+        condition_multiple: int = 128,
     ):
         super().__init__()
         latent_channels = autoencoder.config.latent_channels
@@ -113,6 +115,7 @@ class LatentPriorModel(nn.Module):
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         self.prior = prior
         self.split_input = dict(split_input or OFFICIAL_SPLIT_INPUT)
+        self.condition_multiple = condition_multiple
         self.unet_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
         self.downsample = 2 ** (len(autoencoder.config.block_out_channels) - 1)
         self.size_multiple = self.downsample * 2 ** (len(unet.config.block_out_channels) - 1)
@@ -249,17 +252,20 @@ class LatentPriorModel(nn.Module):
 
     def official_prior(self, blurry: torch.Tensor, steps: int | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
         """The released code's prior of a blurry batch in [0, 1] of any size: the raw latent sampled
-        at the image's size with the blurry image as condition, clamped and mapped to [0, 1]."""
+        at the image's size with the blurry image as condition, clamped and mapped to [0, 1].
+
+        As ``generate_feature.py``: the condition is reflect-padded to a multiple of
+        ``condition_multiple`` (128; a constant -1 where reflection cannot reach, as its fallback
+        pads zeros before mapping to [-1, 1]) and always sampled through LDM's split-input path
+        (one tile when the padded image is no larger than a tile), then cropped back."""
         condition = to_model_range(blurry[:, :IMAGE_CHANNELS])
         height, width = condition.shape[-2:]
-        (tile_height, tile_width), (stride_height, stride_width) = self.split_input["ks"], self.split_input["stride"]
-        tiled = height > tile_height or width > tile_width
-        # Reflect-padded so that the UNet's levels (and the split-input tiles) fit, cropped back.
-        multiple = math.lcm(self.unet_multiple, stride_height, stride_width) if tiled else self.unet_multiple
-        padded, _ = pad_to_multiple(condition, multiple)
-        tiles = None
-        if tiled:  # a side shorter than a tile gets one tile of its length
-            tiles = self.split_input | {"ks": (min(tile_height, padded.shape[-2]), min(tile_width, padded.shape[-1]))}
+        multiple = math.lcm(self.unet_multiple, self.condition_multiple)
+        pad = (0, (-width) % multiple, 0, (-height) % multiple)
+        reflectable = pad[1] < width and pad[3] < height
+        padded = F.pad(condition, pad, mode="reflect") if reflectable else F.pad(condition, pad, value=-1.0)
+        tile_height, tile_width = self.split_input["ks"]
+        tiles = self.split_input | {"ks": (min(tile_height, padded.shape[-2]), min(tile_width, padded.shape[-1]))}
         latent = self.sample(padded, steps or self.sampling_steps, self.eta, x_T=x_T, generator=self._generator(), tiles=tiles)
         return to_image_range(latent.clamp(-1.0, 1.0))[..., :height, :width]
 
