@@ -36,7 +36,6 @@ from deblur_diffusion.pretrained import restorer_from_config
 from deblur_diffusion.protocols import Protocol, get_protocol
 
 IMAGE_CHANNELS = 3
-ROWS = (("input", "blurry input"), ("restored", "restored"))
 
 
 def quantized(image: torch.Tensor, bit_depth: int) -> torch.Tensor:
@@ -48,7 +47,7 @@ def quantized(image: torch.Tensor, bit_depth: int) -> torch.Tensor:
 
 def resolve_protocol(cfg: DictConfig, datamodule: DeblurDataModule, source: PairSource) -> Protocol:
     protocol = get_protocol(datamodule.protocol if cfg.protocol == "auto" else cfg.protocol)
-    read_8bit = bool(getattr(_files_of(source), "read_8bit", False))
+    read_8bit = source.read_8bit
     if protocol.read_8bit is not None and protocol.read_8bit != read_8bit:
         raise ConfigError(
             f"protocol {protocol.name} reads the images {'as 8 bits' if protocol.read_8bit else 'at their stored depth'} "
@@ -56,11 +55,6 @@ def resolve_protocol(cfg: DictConfig, datamodule: DeblurDataModule, source: Pair
             f"set data.{cfg.split}.read_8bit={str(protocol.read_8bit).lower()} or pick another protocol"
         )
     return protocol
-
-
-def _files_of(source: PairSource) -> PairSource:
-    """The source that reads the files (unwrapping a prior)."""
-    return getattr(source, "source", source)
 
 
 def summarise(rows: list[dict], metrics: list[str]) -> dict[str, dict]:

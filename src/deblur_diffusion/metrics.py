@@ -66,9 +66,11 @@ def mae(restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _per_image_mean((restored.double() - target.double()).abs(), None)
 
 
-def _gaussian_window(device: torch.device) -> torch.Tensor:
-    offsets = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float64, device=device)
-    profile = torch.exp(-0.5 * (offsets / SSIM_SIGMA) ** 2)
+def _gaussian_profile(radius: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """A normalised 1-D Gaussian of ``2 * radius + 1`` taps (float64); a separable N-D window is the
+    product of such profiles."""
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    profile = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return profile / profile.sum()
 
 
@@ -76,7 +78,7 @@ def ssim_map(restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The SSIM of every window fully inside the image: (B, C, H - 10, W - 10)."""
     x, y = restored.double(), target.double()
     channels = x.shape[1]
-    profile = _gaussian_window(x.device)
+    profile = _gaussian_profile(SSIM_RADIUS, SSIM_SIGMA, x.device)
     vertical = profile.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
     horizontal = profile.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
 
@@ -108,14 +110,6 @@ MATLAB_SSIM_RADIUS = math.ceil(3 * MATLAB_SSIM_SIGMA)
 UINT8_RANGE = 255.0
 
 
-def _matlab_gaussian(device: torch.device) -> torch.Tensor:
-    offsets = torch.arange(-MATLAB_SSIM_RADIUS, MATLAB_SSIM_RADIUS + 1, dtype=torch.float64, device=device)
-    profile = torch.exp(-(offsets**2) / (2 * MATLAB_SSIM_SIGMA**2))
-    # The 3-D kernel is the outer product of three such profiles normalised to sum 1, which is the
-    # product of the normalised profiles: filter one axis at a time.
-    return profile / profile.sum()
-
-
 def _replicate_blur_3d(volume: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
     """Gaussian filter of a (1, 1, D, H, W) volume with replicated borders on all three axes."""
     r = MATLAB_SSIM_RADIUS
@@ -133,7 +127,8 @@ def matlab_ssim(restored: np.ndarray, target: np.ndarray) -> float:
         raise TypeError(f"matlab_ssim scores uint8 images, got {restored.dtype} and {target.dtype}")
     x = torch.from_numpy(restored.transpose(2, 0, 1).astype(np.float64))[None, None]
     y = torch.from_numpy(target.transpose(2, 0, 1).astype(np.float64))[None, None]
-    profile = _matlab_gaussian(x.device)
+    # The 11 x 11 x 11 kernel normalised as a whole is the product of three normalised profiles.
+    profile = _gaussian_profile(MATLAB_SSIM_RADIUS, MATLAB_SSIM_SIGMA, x.device)
     mu_x, mu_y = _replicate_blur_3d(x, profile), _replicate_blur_3d(y, profile)
     var_x = _replicate_blur_3d(x * x, profile) - mu_x**2
     var_y = _replicate_blur_3d(y * y, profile) - mu_y**2

@@ -38,6 +38,7 @@ class WithPrior(PairSource):
         self.prior_dir = Path(prior_dir)
         self.source = source
         self.in_channels = source.in_channels + IMAGE_CHANNELS
+        self.read_8bit = source.read_8bit
 
     def __len__(self) -> int:
         return len(self.source)

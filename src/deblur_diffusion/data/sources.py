@@ -18,6 +18,8 @@ class PairSource(ABC):
     """A finite, indexable collection of (blurry, sharp) pairs."""
 
     in_channels: int = 3
+    # Whether files are decoded as cv2.imread(path) does (16-bit files as 8 bits).
+    read_8bit: bool = False
 
     @abstractmethod
     def __len__(self) -> int: ...

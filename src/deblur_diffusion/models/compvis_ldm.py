@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import UNet2DModel, VQModel
+from omegaconf import OmegaConf
 
-from deblur_diffusion.checkpoints import CheckpointError
+from deblur_diffusion.checkpoints import CheckpointError, load_weights
+from deblur_diffusion.models.latent_prior import LatentPriorModel
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
@@ -61,8 +63,6 @@ def read_ldm_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_ldm_config(path: str | Path) -> dict:
     """``model.params`` of an LDM ``config.yaml`` as plain Python values."""
-    from omegaconf import OmegaConf
-
     config = OmegaConf.to_container(OmegaConf.load(Path(path)), resolve=True)
     model = config.get("model", config)
     if not str(model.get("target", "")).endswith("LatentDiffusion"):
@@ -241,15 +241,11 @@ def ema_name(name: str) -> str:
 
 def ldm_alphas_cumprod(params: dict) -> torch.Tensor:
     """``alphas_cumprod`` as LatentDiffusion registers it: float64 schedule cast to float32."""
-    schedule = params.get("beta_schedule", "linear")
+    _require(params.get("beta_schedule", "linear") == "linear", "a beta schedule other than linear")
     steps = params.get("timesteps", 1000)
     start, end = params.get("linear_start", 1e-4), params.get("linear_end", 2e-2)
-    if schedule == "linear":  # ldm "linear" is linear in sqrt(beta)
-        betas = np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
-    elif schedule == "sqrt_linear":
-        betas = np.linspace(start, end, steps, dtype=np.float64)
-    else:
-        raise CheckpointError(f"unsupported LDM beta_schedule {schedule!r}")
+    # LDM's "linear" schedule is linear in sqrt(beta).
+    betas = np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
     return torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
 
 
@@ -257,9 +253,6 @@ def load_compvis_ldm(checkpoint: str | Path, config: str | Path, use_ema: bool =
     """The :class:`LatentPriorModel` of a CompVis ``LatentDiffusion`` checkpoint and its config;
     the UNet takes the ``model_ema.*`` weights (what the official sampling runs with) unless
     ``use_ema=False`` or the checkpoint has none."""
-    from deblur_diffusion.checkpoints import load_weights
-    from deblur_diffusion.models.latent_prior import LatentPriorModel
-
     params = read_ldm_config(config)
     _require(params.get("conditioning_key", "concat" if params.get("concat_mode", True) else "crossattn") == "concat",
              "conditioning other than concat")
@@ -287,7 +280,6 @@ def load_compvis_ldm(checkpoint: str | Path, config: str | Path, use_ema: bool =
     alphas_cumprod = ldm_alphas_cumprod(params)
     if "alphas_cumprod" in state and not torch.allclose(state["alphas_cumprod"], alphas_cumprod, rtol=0, atol=1e-6):
         raise CheckpointError(f"{checkpoint}: its alphas_cumprod buffer does not match the config's schedule")
-    _require(params.get("beta_schedule", "linear") == "linear", "a beta schedule other than linear")
     return LatentPriorModel(
         autoencoder,
         unet,
