@@ -6,11 +6,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from deblur_diffusion.data.patches import TrainPatches, WholeImages
+from deblur_diffusion.data.prepared import CropRule, PreparedCrops, source_settings
 from deblur_diffusion.data.priors import WithPrior
 from deblur_diffusion.data.schedule import ProgressiveSchedule, StepBatchSampler
 from deblur_diffusion.data.sources import PairSource
@@ -30,6 +32,14 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def single_threaded_worker(worker_id: int) -> None:
+    """Each data worker is one process on one core: OpenCV's and torch's own thread pools would
+    only compete with the other workers. (OpenCV's 0 means "run sequentially"; setting 1 in a
+    forked worker can deadlock on the pool inherited from the parent.)"""
+    cv2.setNumThreads(0)
+    torch.set_num_threads(1)
 
 
 class DeblurDataModule(L.LightningDataModule):
@@ -59,6 +69,11 @@ class DeblurDataModule(L.LightningDataModule):
             (:mod:`deblur_diffusion.protocols`), used by ``evaluate``.
         repeat_small_dataset: train on a dataset smaller than one step's samples by repeating
             pairs within a batch (otherwise an error).
+        crops: the official training-crop rule of the dataset (:class:`~deblur_diffusion.data.prepared.CropRule`:
+            ``size``, ``stride``, ``keep_sharpest``), what ``python -m deblur_diffusion.data.prepare`` writes.
+        prepared_dir: train from the crops prepared into this store instead of the whole images;
+            the store must have been made from the configured training set with ``crops`` (checked).
+            With ``train: null`` the store is used unchecked (a machine without the original files).
     """
 
     def __init__(
@@ -77,14 +92,21 @@ class DeblurDataModule(L.LightningDataModule):
         prior_dir: str | None = None,
         protocol: str = "standard",
         repeat_small_dataset: bool = False,
+        crops: dict | None = None,
+        prepared_dir: str | None = None,
     ):
         super().__init__()
         self.protocol = get_protocol(protocol).name
+        self.crop_rule = CropRule(**(crops or {}))
         self.sources = {"train": train, "val": val, "test": test}
         if prior_dir is not None:
             self.sources = {
                 split: None if source is None else WithPrior(source, Path(prior_dir) / split) for split, source in self.sources.items()
             }
+        if prepared_dir is not None:
+            train_source = self.sources["train"]
+            expected = None if train_source is None else source_settings(train_source, self.crop_rule)
+            self.sources["train"] = PreparedCrops(prepared_dir, expected)
         for split, source in self.sources.items():
             if source is not None and source.in_channels != in_channels:
                 raise ConfigError(
@@ -117,6 +139,7 @@ class DeblurDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory and torch.cuda.is_available(),
             "persistent_workers": self.num_workers > 0,
+            "worker_init_fn": single_threaded_worker if self.num_workers > 0 else None,
         }
 
     def _rank_and_world_size(self) -> tuple[int, int]:

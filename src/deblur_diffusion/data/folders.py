@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deblur_diffusion.data.io import image_bit_depth, image_size, list_images, read_image
-from deblur_diffusion.data.sources import PairSource
+from deblur_diffusion.data.io import image_bit_depth, image_size, list_images, read_image_raw
+from deblur_diffusion.data.sources import PairPlanes, PairSource
 from deblur_diffusion.errors import DatasetLayoutError, ImageReadError, PairMismatchError
 
 _DATA_DIR_HINT = "Set paths.data_dir (or the DEBLUR_DATA environment variable) to the folder that holds the datasets."
@@ -127,20 +127,25 @@ class PairedFiles(PairSource):
     def file_suffix(self, index: int) -> str:
         return self.inputs[index][0].suffix
 
+    def files(self, index: int) -> list[Path]:
+        return [*self.inputs[index], self.targets[index]]
+
     def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.load_planes(index, rng).to_float()
+
+    def load_planes(self, index: int, rng: np.random.Generator | None = None) -> PairPlanes:
         target_path = self.targets[index]
-        gt = read_image(target_path, self.read_8bit)
+        gt = read_image_raw(target_path, self.read_8bit)
         views = []
         for path in self.inputs[index]:
-            view = read_image(path, self.read_8bit)
+            view = read_image_raw(path, self.read_8bit)
             if view.shape != gt.shape:
                 raise PairMismatchError(
                     f"{self.dataset}: input {path} is {view.shape[0]}x{view.shape[1]} but its target {target_path} "
                     f"is {gt.shape[0]}x{gt.shape[1]}"
                 )
             views.append(view)
-        lq = views[0] if len(views) == 1 else np.concatenate(views, axis=2)
-        return lq, gt
+        return PairPlanes(views, gt)
 
     def describe(self) -> str:
         read = ", read as 8-bit" if self.read_8bit else ""

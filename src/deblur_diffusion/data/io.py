@@ -58,8 +58,16 @@ def read_image_raw(path: str | Path, as_8bit: bool = False) -> np.ndarray:
 
 def read_image(path: str | Path, as_8bit: bool = False) -> np.ndarray:
     """Reads an image as float32 H x W x 3 RGB in [0, 1] (8 and 16-bit alike; see ``as_8bit``)."""
-    raw = read_image_raw(path, as_8bit)
-    return raw.astype(np.float32) / _MAX_VALUE[raw.dtype]
+    return to_float(read_image_raw(path, as_8bit))
+
+
+def to_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 or uint16 pixels as a new C-contiguous float32 array in [0, 1]; float input is returned
+    as is. Training crops call it on the patch only, so a whole image is never converted."""
+    if pixels.dtype == np.float32:
+        return pixels
+    scaled = pixels.astype(np.float32, order="C")
+    return np.divide(scaled, _MAX_VALUE[pixels.dtype], out=scaled)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -68,13 +76,20 @@ _PNG_BIT_DEPTH_OFFSET = 24
 
 
 def image_bit_depth(path: str | Path) -> int:
-    """8 or 16: the bit depth an image is stored with (a PNG's header; other formats are decoded)."""
+    """8 or 16: the bit depth an image is stored with, from its header (never decoded)."""
     path = Path(path)
     with open(path, "rb") as handle:
         header = handle.read(_PNG_BIT_DEPTH_OFFSET + 1)
     if header.startswith(_PNG_SIGNATURE) and len(header) > _PNG_BIT_DEPTH_OFFSET:
         return 16 if header[_PNG_BIT_DEPTH_OFFSET] == 16 else 8
-    return 16 if read_image_raw(path).dtype == np.uint16 else 8
+    try:
+        with Image.open(path) as image:
+            # Pillow has no 16-bit RGB mode: such files open as "RGB" with a raw mode like "RGB;16N".
+            decoder_args = image.tile[0][3] if image.tile else image.mode
+            raw_mode = decoder_args[0] if isinstance(decoder_args, tuple) else decoder_args
+            return 16 if image.mode.startswith("I;16") or ";16" in str(raw_mode) else 8
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError, IndexError):
+        return 16 if read_image_raw(path).dtype == np.uint16 else 8
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from deblur_diffusion.data.sources import PairSource
+from deblur_diffusion.data.sources import PairPlanes, PairSource
 from deblur_diffusion.errors import PairMismatchError
 
 
@@ -31,16 +31,31 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 def load_checked(source: PairSource, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Loads a pair and checks its layout against what the source promises."""
     lq, gt = source.load(index, rng)
-    if lq.shape[:2] != gt.shape[:2]:
+    _check_layout(source, index, lq.shape, [lq.shape[2]], gt.shape)
+    return lq, gt
+
+
+def load_planes_checked(source: PairSource, index: int, rng: np.random.Generator) -> PairPlanes:
+    """Loads a pair as stored (for training crops) and checks its layout."""
+    planes = source.load_planes(index, rng)
+    shapes = [plane.shape for plane in planes.inputs]
+    for shape in shapes:
+        if shape[:2] != planes.target.shape[:2]:
+            _check_layout(source, index, shape, [], planes.target.shape)
+    _check_layout(source, index, shapes[0], [shape[2] for shape in shapes], planes.target.shape)
+    return planes
+
+
+def _check_layout(source: PairSource, index: int, lq_shape: tuple, lq_channels: list[int], gt_shape: tuple) -> None:
+    if lq_shape[:2] != gt_shape[:2]:
         raise PairMismatchError(
-            f"pair {source.name(index)!r}: input is {lq.shape[0]}x{lq.shape[1]}, target {gt.shape[0]}x{gt.shape[1]}"
+            f"pair {source.name(index)!r}: input is {lq_shape[0]}x{lq_shape[1]}, target {gt_shape[0]}x{gt_shape[1]}"
         )
-    if lq.shape[2] != source.in_channels or gt.shape[2] != 3:
+    if sum(lq_channels) != source.in_channels or gt_shape[2] != 3:
         raise PairMismatchError(
             f"pair {source.name(index)!r}: expected {source.in_channels} input and 3 target channels, "
-            f"got {lq.shape[2]} and {gt.shape[2]}"
+            f"got {sum(lq_channels)} and {gt_shape[2]}"
         )
-    return lq, gt
 
 
 def pad_to_at_least(image: np.ndarray, size: int) -> np.ndarray:
@@ -53,33 +68,33 @@ def pad_to_at_least(image: np.ndarray, size: int) -> np.ndarray:
     return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
 
 
-def random_patch(
-    lq: np.ndarray, gt: np.ndarray, size: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """The same random ``size`` x ``size`` window of both images (padded first if too small)."""
-    lq, gt = pad_to_at_least(lq, size), pad_to_at_least(gt, size)
-    top = int(rng.integers(0, lq.shape[0] - size + 1))
-    left = int(rng.integers(0, lq.shape[1] - size + 1))
-    window = (slice(top, top + size), slice(left, left + size))
-    return lq[window], gt[window]
+def random_patch(planes: PairPlanes, size: int, rng: np.random.Generator) -> PairPlanes:
+    """The same random ``size`` x ``size`` window of every plane (padded first if too small); views,
+    not copies."""
+    height, width = planes.target.shape[:2]
+    top = int(rng.integers(0, max(height, size) - size + 1))
+    left = int(rng.integers(0, max(width, size) - size + 1))
+    return planes.map(lambda plane: pad_to_at_least(plane[top : top + size, left : left + size], size))
 
 
-def random_flip_rotate(
-    images: tuple[np.ndarray, ...], rng: np.random.Generator, flips: bool, rotations: bool
-) -> tuple[np.ndarray, ...]:
-    """Applies one random element of the dihedral group (flips and 90-degree turns) to all images."""
+def random_flip_rotate(planes: PairPlanes, rng: np.random.Generator, flips: bool, rotations: bool) -> PairPlanes:
+    """Applies one random element of the dihedral group (flips and 90-degree turns) to all planes."""
     if flips and rng.uniform() < 0.5:
-        images = tuple(im[:, ::-1] for im in images)
+        planes = planes.map(lambda plane: plane[:, ::-1])
     if flips and rng.uniform() < 0.5:
-        images = tuple(im[::-1] for im in images)
+        planes = planes.map(lambda plane: plane[::-1])
     if rotations:
         quarter_turns = int(rng.integers(0, 4))
-        images = tuple(np.rot90(im, quarter_turns) for im in images)
-    return images
+        planes = planes.map(lambda plane: np.rot90(plane, quarter_turns))
+    return planes
 
 
 class TrainPatches(Dataset):
-    """Random patches of a pair source with flips and rotations, indexed by :class:`PatchKey`."""
+    """Random patches of a pair source with flips and rotations, indexed by :class:`PatchKey`.
+
+    The patch is cut from the planes as stored and only then converted to float, so the cost of a
+    sample is decoding (for image files) plus work on the patch alone.
+    """
 
     def __init__(self, source: PairSource, flips: bool = True, rotations: bool = True):
         self.source = source
@@ -92,9 +107,9 @@ class TrainPatches(Dataset):
     def __getitem__(self, key: PatchKey) -> dict:
         index, patch_size, seed = key
         rng = np.random.default_rng(seed)
-        lq, gt = load_checked(self.source, index, rng)
-        lq, gt = random_patch(lq, gt, patch_size, rng)
-        lq, gt = random_flip_rotate((lq, gt), rng, self.flips, self.rotations)
+        planes = load_planes_checked(self.source, index, rng)
+        planes = random_patch(planes, patch_size, rng)
+        lq, gt = random_flip_rotate(planes, rng, self.flips, self.rotations).to_float()
         return {"lq": to_tensor(lq), "gt": to_tensor(gt), "name": self.source.name(index), "seed": seed}
 
 

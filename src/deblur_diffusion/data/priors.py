@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deblur_diffusion.data.io import read_image
-from deblur_diffusion.data.sources import PairSource
+from deblur_diffusion.data.io import read_image_raw
+from deblur_diffusion.data.sources import PairPlanes, PairSource
 from deblur_diffusion.data.synthetic import SyntheticPairs
 from deblur_diffusion.errors import ConfigError, DatasetLayoutError, ImageReadError, PairMismatchError
 
@@ -52,15 +52,24 @@ class WithPrior(PairSource):
     def file_suffix(self, index: int) -> str:
         return self.source.file_suffix(index)
 
+    def files(self, index: int) -> list[Path]:
+        return [*self.source.files(index), prior_path(self.prior_dir, self.name(index))]
+
     def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-        lq, gt = self.source.load(index, rng)
+        return self.load_planes(index, rng).to_float()
+
+    def load_planes(self, index: int, rng: np.random.Generator | None = None) -> PairPlanes:
+        planes = self.source.load_planes(index, rng)
         path = prior_path(self.prior_dir, self.name(index))
         if not path.is_file():
             raise ImageReadError(f"no prior for pair {self.name(index)!r}: {path} is missing (run generate_prior on this split)")
-        prior = read_image(path)
-        if prior.shape != gt.shape:
-            raise PairMismatchError(f"prior {path} is {prior.shape[1]}x{prior.shape[0]} but its pair is {gt.shape[1]}x{gt.shape[0]}")
-        return np.concatenate([lq, prior], axis=2), gt
+        prior = read_image_raw(path)
+        if prior.shape != planes.target.shape:
+            raise PairMismatchError(
+                f"prior {path} is {prior.shape[1]}x{prior.shape[0]} but its pair is "
+                f"{planes.target.shape[1]}x{planes.target.shape[0]}"
+            )
+        return PairPlanes([*planes.inputs, prior], planes.target)
 
     def describe(self) -> str:
         return f"{self.source.describe()} + priors from {self.prior_dir}"

@@ -5,13 +5,40 @@ in [0, 1]: ``load(index, rng)`` gives ``(lq, gt)`` where ``lq`` has ``in_channel
 image to restore first, then any extra views or priors) and ``gt`` has three. Patch sampling,
 augmentation and tensor conversion happen in :mod:`deblur_diffusion.data.patches`, so every source
 gets them for free.
+
+Training reads ``load_planes(index, rng)`` instead: the same pair as stored (uint8/uint16 planes of
+three channels, possibly views of a memory map), so that a patch is cut before anything is
+converted to float.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+
+from deblur_diffusion.data.io import to_float
+
+
+class PairPlanes(NamedTuple):
+    """A pair as stored: the input planes (H x W x 3 each: the image to restore, then extra views,
+    then any prior), concatenated on channels by :meth:`to_float`, and the target."""
+
+    inputs: list[np.ndarray]
+    target: np.ndarray
+
+    def map(self, transform: Callable[[np.ndarray], np.ndarray]) -> PairPlanes:
+        """The same transform (crop, flip, turn) applied to every plane."""
+        return PairPlanes([transform(plane) for plane in self.inputs], transform(self.target))
+
+    def to_float(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lq, gt) as float32 in [0, 1], the planes of lq concatenated on channels."""
+        inputs = [to_float(plane) for plane in self.inputs]
+        lq = inputs[0] if len(inputs) == 1 else np.concatenate(inputs, axis=2)
+        return lq, to_float(self.target)
 
 
 class PairSource(ABC):
@@ -32,12 +59,22 @@ class PairSource(ABC):
     def load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Returns (lq, gt). ``rng`` drives any randomness (synthetic blur); folder sources ignore it."""
 
+    def load_planes(self, index: int, rng: np.random.Generator) -> PairPlanes:
+        """The pair as stored, for training crops; sources that generate float images return
+        ``load`` as a single plane."""
+        lq, gt = self.load(index, rng)
+        return PairPlanes([lq], gt)
+
     def describe(self) -> str:
         return f"{type(self).__name__} with {len(self)} pairs"
 
     def bit_depth(self, index: int) -> int:
         """The bit depth the pair's input is read with (what a restored image is saved and scored with)."""
         return 8
+
+    def files(self, index: int) -> list[Path]:
+        """The files a pair is read from (none for generated pairs); recorded by prepared stores."""
+        return []
 
     def file_suffix(self, index: int) -> str:
         """The file extension a restored image of the pair is saved with."""

@@ -1,0 +1,179 @@
+"""Training-step time of each network at its paper configuration, side by side with the official code.
+
+    python benchmarks/train_step.py                                   # this package only
+    python benchmarks/train_step.py --reference ~/src                 # and the official files
+    python benchmarks/train_step.py --device cuda --batch 8 --size 256
+
+``--reference DIR`` names a folder holding checkouts of the official repositories (this repository
+does not ship them):
+
+* ``DIR/Restormer/basicsr/models/archs/restormer_arch.py`` (swz30/Restormer)
+* ``DIR/HI-Diff/hi_diff/archs/Transformer_arch.py`` (zhengchen1999/HI-Diff)
+* ``DIR/swintormer/basicsr/archs/Swintormer_arch.py`` (bnm6900030/swintormer)
+
+Each file is imported on its own, with BasicSR's registry replaced by a no-op decorator and, for
+Swintormer, fairscale's ``checkpoint_wrapper`` by activation checkpointing through
+``torch.utils.checkpoint`` (the official code checkpoints every level but the first, as released).
+The official network gets this package's weights, so both compute the same function, and the
+outputs are compared before timing.
+
+A step is forward, L1 loss, backward and an AdamW step on one batch. The rows of a model are timed
+in turns (official, package, official, ...) in one process, and the median is reported, so that
+ratios are measured under the same load. On a CPU, compare ratios only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from deblur_diffusion.models import PriorGuidedRestormer, Restormer, Swintormer
+
+# HI-Diff's GoPro stage-two transformer (options/train/GoPro_S2.yml).
+HIDIFF_GOPRO = {"dim": 48, "num_blocks": [3, 5, 6, 6], "num_refinement_blocks": 4, "heads": [1, 2, 4, 8], "embed_dim": 64, "group": 4}
+PRIOR_TOKENS = (16, 256)
+
+REFERENCE_FILES = {
+    "restormer": "Restormer/basicsr/models/archs/restormer_arch.py",
+    "hidiff": "HI-Diff/hi_diff/archs/Transformer_arch.py",
+    "swintormer": "swintormer/basicsr/archs/Swintormer_arch.py",
+}
+
+
+def _stub_module(name: str, **attributes) -> None:
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    sys.modules[name] = module
+
+
+def _checkpoint_wrapper(module: nn.Module, **_) -> nn.Module:
+    """fairscale's checkpoint_wrapper as the official Swintormer uses it: the module's forward is
+    recomputed in the backward pass; its parameter names are unchanged."""
+    forward = module.forward
+
+    def checkpointed(*inputs):
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *inputs, use_reentrant=False)
+        return forward(*inputs)
+
+    module.forward = checkpointed
+    return module
+
+
+def import_reference(path: Path) -> types.ModuleType:
+    """Imports one official architecture file with its framework imports stubbed out."""
+    registry = types.SimpleNamespace(register=lambda *args, **kwargs: (lambda obj: obj))
+    for package in ("basicsr", "basicsr.utils", "fairscale"):
+        sys.modules.setdefault(package, types.ModuleType(package))
+    _stub_module("basicsr.utils.registry", ARCH_REGISTRY=registry)
+    _stub_module("fairscale.nn", checkpoint_wrapper=_checkpoint_wrapper)
+    spec = importlib.util.spec_from_file_location(f"reference_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_models(name: str, reference_dir: Path | None, size: int, batch: int):
+    """(inputs, {label: (model, forward)}) for one network."""
+    generator = torch.Generator().manual_seed(0)
+    if name == "restormer":
+        inputs = (torch.rand(batch, 3, size, size, generator=generator),)
+        package = {"package": Restormer()}
+        official_class, official_args = "Restormer", {}
+    elif name == "hidiff":
+        inputs = (torch.rand(batch, 3, size, size, generator=generator), torch.rand(batch, *PRIOR_TOKENS, generator=generator))
+        package = {"package": PriorGuidedRestormer(**HIDIFF_GOPRO)}
+        official_class, official_args = "Transformer", HIDIFF_GOPRO
+    else:
+        inputs = (torch.rand(batch, 6, size, size, generator=generator),)
+        package = {
+            "package": Swintormer(),
+            "package, official checkpointing": Swintormer(checkpoint_levels="official"),
+        }
+        official_class, official_args = "Swintormer", {}
+    state = package["package"].state_dict()
+    for model in package.values():
+        model.load_state_dict(state)
+    models = dict(package)
+    if reference_dir is not None:
+        official = getattr(import_reference(reference_dir / REFERENCE_FILES[name]), official_class)(**official_args)
+        missing, unexpected = official.load_state_dict(state, strict=False)
+        if unexpected or [key for key in missing if not key.endswith(("relative_coords_table", "relative_position_index"))]:
+            raise SystemExit(f"{name}: the official network does not take this package's weights: {missing[:5]} {unexpected[:5]}")
+        models = {"official": official, **models}
+    return inputs, models
+
+
+def time_steps(models: dict[str, nn.Module], inputs: tuple, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    inputs = tuple(t.to(device) for t in inputs)
+    target = torch.rand_like(inputs[0][:, :3])
+    steps: dict[str, Callable[[], None]] = {}
+    for label, model in models.items():
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model=model, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            (model(*inputs) - target).abs().mean().backward()
+            optimizer.step()
+
+        steps[label] = step
+    with torch.no_grad():
+        outputs = {label: model(*inputs) for label, model in models.items()}
+    first = next(iter(outputs.values()))
+    for label, output in outputs.items():
+        difference = (output - first).abs().max().item()
+        if difference > 1e-4:
+            raise SystemExit(f"{label} differs from {next(iter(outputs))} by {difference}: not the same network")
+    for step in steps.values():  # warm-up
+        step()
+    seconds: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(repeats):
+        for label, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[label].append(time.perf_counter() - start)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", type=Path, default=None, help="folder with the official repositories")
+    parser.add_argument("--models", nargs="+", default=["restormer", "hidiff", "swintormer"], choices=list(REFERENCE_FILES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    table = Table(title=f"Training step, batch {args.batch} x {args.size}^2, {device.type}, median of {args.repeats}")
+    for column in ("network", "code", "seconds", "official / this row"):
+        table.add_column(column, justify="left" if column in ("network", "code") else "right")
+    for name in args.models:
+        inputs, models = build_models(name, args.reference, args.size, args.batch)
+        medians = {label: statistics.median(times) for label, times in time_steps(models, inputs, args.repeats, device).items()}
+        for label, median in medians.items():
+            ratio = f"{medians['official'] / median:.2f}x" if "official" in medians else ""
+            table.add_row(name if label == next(iter(medians)) else "", label, f"{median:.3f}", ratio)
+        table.add_section()
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
