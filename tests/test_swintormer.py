@@ -135,4 +135,32 @@ def test_fused_softmax_variant_matches_explicit_attention():
     q, k, v = torch.randn(3, 2, 2, 16, 4).unbind(0)
     additive = torch.randn(2, 16, 16)
     expected = torch.softmax(q @ k.transpose(-2, -1) + additive, dim=-1) @ v
-    torch.testing.assert_close(attention._attend(q, k, v, additive), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention._attend(q, k, v, [additive]), expected, atol=1e-5, rtol=1e-5)
+
+
+def official_softmax_one(x):
+    """The official expression, differentiated by autograd (the max's gradient goes to the first maximum)."""
+    x = x - x.max(dim=-1, keepdim=True).values
+    exp_x = torch.exp(x)
+    return exp_x / (1 + exp_x.sum(dim=-1, keepdim=True))
+
+
+def test_softmax_one_gradient_equals_autograd_of_the_official_expression_with_tied_maxima():
+    torch.manual_seed(0)
+    scores = torch.randn(4, 3, 7, dtype=torch.float64) * 3
+    scores[0, 0, 2] = scores[0, 0, 5] = scores[0, 0].max() + 1  # a row with two maxima
+    scores[1, 1] = 0.5  # a constant row
+    grad = torch.randn_like(scores)
+    ours, official = scores.clone().requires_grad_(), scores.clone().requires_grad_()
+    softmax_one(ours).backward(grad)
+    official_softmax_one(official).backward(grad)
+    torch.testing.assert_close(ours.grad, official.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(softmax_one, (torch.randn(2, 5, dtype=torch.float64, requires_grad=True),))
+
+
+def test_fused_softmax_variant_with_batch_windows_and_shift_mask_matches_explicit_attention():
+    attention = MixedWindowAttention(dim=8, num_heads=2, bias=False, window_size=4, shift_size=2, attention_softmax="softmax")
+    q, k, v = torch.randn(3, 2, 4, 2, 16, 4).unbind(0)  # (batch, windows, heads, tokens, channels)
+    bias, mask = torch.randn(2, 16, 16), shift_window_mask(8, 8, 4, 2, torch.device("cpu")).unsqueeze(1)
+    expected = torch.softmax(q @ k.transpose(-2, -1) + bias + mask, dim=-1) @ v
+    torch.testing.assert_close(attention._attend(q, k, v, [bias, mask]), expected, atol=1e-5, rtol=1e-5)

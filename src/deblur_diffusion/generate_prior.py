@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
+from torch.utils.data import DataLoader, Dataset
 
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, split_datamodule
 from deblur_diffusion.data.io import list_images, read_image, write_image
@@ -38,6 +39,23 @@ from deblur_diffusion.pretrained import load_network, pick_device
 IMAGE_CHANNELS = 3
 PRIOR_BIT_DEPTH = 16
 MANIFEST = "manifest.json"
+# The manifest is rewritten every this many priors (and at the end); a resumed run re-lists the
+# priors found on disk, so nothing is lost in between.
+MANIFEST_EVERY = 16
+
+
+class _Blurry(Dataset):
+    """(index, blurry image) for the given indices, read in data workers."""
+
+    def __init__(self, load: Callable[[int], torch.Tensor], indices: list[int]):
+        self.load = load
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor]:
+        return self.indices[position], self.load(self.indices[position])
 
 
 def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Tensor], Path]:
@@ -86,24 +104,27 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
             f"{manifest_file} was written with {previous}, not {settings}; use another out folder or delete it"
         )
     manifest.update(settings)
-    written = skipped = 0
+    todo = [index for index in range(len(names)) if not prior_path(folder, names[index]).is_file()]
+    for index in set(range(len(names))) - set(todo):
+        manifest["priors"][names[index]] = prior_path(folder, names[index]).name
     console = Console()
-    for index in track(range(len(names)), description=f"priors of {len(names)} images (T = {cfg.steps})", console=console):
-        target = prior_path(folder, names[index])
-        if target.is_file():
-            skipped += 1
-            continue
-        blurry = load_blurry(index)[None].to(device)
+    # Workers read and decode the next images while the device samples the current one.
+    upcoming = DataLoader(_Blurry(load_blurry, todo), batch_size=None, num_workers=min(int(cfg.data.num_workers), len(todo)))
+    for written, (index, blurry) in enumerate(
+        track(upcoming, total=len(todo), description=f"priors of {len(todo)} images (T = {cfg.steps})", console=console), start=1
+    ):
+        blurry = blurry[None].to(device)
         # The official prior tiles itself (LDM's split-input path, blended at every DDIM step).
         large = blurry.shape[-2] * blurry.shape[-1] > cfg.tile_above_pixels
         inference = tiled if large and model.prior == "paper_decoder" else whole
         with torch.no_grad():
             prior = inference(model, blurry)[0].permute(1, 2, 0).cpu().numpy()
-        write_image(target, prior, PRIOR_BIT_DEPTH)
+        target = write_image(prior_path(folder, names[index]), prior, PRIOR_BIT_DEPTH)
         manifest["priors"][names[index]] = target.name
-        manifest_file.write_text(json.dumps(manifest, indent=2))
-        written += 1
+        if written % MANIFEST_EVERY == 0:
+            manifest_file.write_text(json.dumps(manifest, indent=2))
     manifest_file.write_text(json.dumps(manifest, indent=2))
+    written, skipped = len(todo), len(names) - len(todo)
     console.print(f"{written} priors written, {skipped} already there, in {folder}", highlight=False)
     return written, skipped
 

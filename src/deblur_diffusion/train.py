@@ -54,7 +54,8 @@ def metrics_table(title: str, metrics: dict[str, float], prefix: str) -> Table:
 def batch_table(datamodule, world_size: int, accumulation: int) -> Table:
     """The training batches of each phase: global = per device x ranks x accumulation."""
     per_device = datamodule.schedule.per_device_batches(world_size, accumulation)
-    table = Table(title="Training batches")
+    training_set = dict(datamodule.describe()).get("train", "")
+    table = Table(title="Training batches", caption=f"from {training_set}" if training_set else None)
     for column in ("from step", "patch", "global batch", "per device", "ranks", "accumulation"):
         table.add_column(column, justify="right")
     for phase, micro in zip(datamodule.schedule.phases, per_device, strict=True):

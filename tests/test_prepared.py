@@ -1,0 +1,169 @@
+"""The prepared crop store: the official crop rule, the sharpness filter, resuming, the settings
+check, and training patches identical to the folder path's."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from deblur_diffusion.data import DPDD, DeblurDataModule, FolderPairs
+from deblur_diffusion.data.patches import PatchKey, TrainPatches
+from deblur_diffusion.data.prepared import CropRule, PreparedCrops, prepare_store
+from deblur_diffusion.data.priors import WithPrior
+from deblur_diffusion.errors import ConfigError, DatasetLayoutError
+from conftest import FAST_TRAINER, TINY_RESTORMER, run_cli
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), pixels[:, :, ::-1])
+    return path
+
+
+def write_dual_pixel(root: Path, rng, names, size) -> WithPrior:
+    """A 16-bit DPDD in the re-laid layout with 16-bit priors: three input planes and a target."""
+    for name in names:
+        for folder in ("inputC", "inputL", "inputR", "target"):
+            write_png(root / "train" / folder / f"{name}.png", rng.integers(0, 65536, (*size, 3), dtype=np.uint16))
+        write_png(root / "priors" / "train" / f"{name}.png", rng.integers(0, 65536, (*size, 3), dtype=np.uint16))
+    return WithPrior(DPDD(root, "train", views=["l", "r"]), root / "priors" / "train")
+
+
+# Crop origins read off generate_patches_gopro.py (np.arange(0, L - 512, 256) + [L - 512]) and
+# generate_patches_dpdd.py (every 204 px while the crop fits, plus the crop flush with the border).
+OFFICIAL_ORIGINS = [
+    ((720, 1280), CropRule(512, 256), [0, 208], [0, 256, 512, 768]),
+    ((1120, 1680), CropRule(512, 204, 0.7), [0, 204, 408, 608], [0, 204, 408, 612, 816, 1020, 1168]),
+]
+
+
+@pytest.mark.parametrize(("size", "rule", "rows", "cols"), OFFICIAL_ORIGINS)
+def test_crop_windows_are_the_official_scripts(size, rule, rows, cols):
+    assert rule.windows(*size) == [(top, left) for top in rows for left in cols]
+
+
+def test_an_image_smaller_than_a_crop_is_one_crop():
+    assert CropRule(512, 256).windows(300, 700) == [(0, 0), (0, 188)]
+
+
+def test_the_sharpness_filter_drops_the_30_percent_least_sharp_target_crops(rng):
+    crops = [rng.integers(0, 65536, (64, 64, 3), dtype=np.uint16) for _ in range(10)]
+    blurred = [1, 4, 8]
+    for index in blurred:
+        crops[index] = cv2.GaussianBlur(crops[index], (0, 0), 4.0)
+    kept = CropRule(64, 64, keep_sharpest=0.7).kept(crops)
+    assert [index for index, keep in enumerate(kept) if not keep] == blurred
+    assert all(CropRule(64, 64).kept(crops))
+
+
+def test_stored_crops_hold_the_source_pixels_at_their_windows(tmp_path, rng):
+    source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b"], (48, 80))
+    manifest = prepare_store(source, tmp_path / "store", CropRule(32, 24))
+    store = PreparedCrops(tmp_path / "store")
+    assert len(store) == 2 * 2 * 3 and store.in_channels == 9
+    for index in (0, 5, 11):
+        name, pair, top, left, height, width = manifest["crops"][index]
+        planes = source.load_planes(pair)
+        stored = store.load_planes(index)
+        for original, crop in zip((*planes.inputs, planes.target), (*stored.inputs, stored.target), strict=True):
+            np.testing.assert_array_equal(crop, original[top : top + height, left : left + width])
+        assert name == f"{source.name(pair)}-{index % 6 + 1}" and stored.target.dtype == np.uint16
+
+
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_the_same_keys_give_the_same_training_patches_from_the_store_and_the_folder(tmp_path, rng, encoding):
+    # Images exactly one crop large: crop i of the store is pair i of the folder.
+    source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b", "c"], (40, 40))
+    prepare_store(source, tmp_path / "store", CropRule(40, 20), encoding)
+    from_folder, from_store = TrainPatches(source), TrainPatches(PreparedCrops(tmp_path / "store"))
+    for key in [PatchKey(0, 32, 7), PatchKey(2, 16, 123), PatchKey(1, 40, 5), PatchKey(1, 48, 9)]:
+        a, b = from_folder[key], from_store[key]
+        torch.testing.assert_close(a["lq"], b["lq"], rtol=0, atol=0)
+        torch.testing.assert_close(a["gt"], b["gt"], rtol=0, atol=0)
+
+
+class InterruptedAfter(FolderPairs):
+    """A folder whose reading fails at one pair, as if the preparation were killed there."""
+
+    fail_at: int | None = None
+    loaded: list[int]
+
+    def load_planes(self, index, rng=None):
+        if index == self.fail_at:
+            raise KeyboardInterrupt
+        self.loaded.append(index)
+        return super().load_planes(index, rng)
+
+
+def test_an_interrupted_preparation_resumes_after_the_last_complete_pair(tmp_path, rng):
+    for name in "abcde":
+        write_png(tmp_path / "input" / f"{name}.png", rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+        write_png(tmp_path / "target" / f"{name}.png", rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    source = InterruptedAfter(tmp_path / "input", tmp_path / "target")
+    source.loaded, source.fail_at = [], 3
+    with pytest.raises(KeyboardInterrupt):
+        prepare_store(source, tmp_path / "store", CropRule(32, 16))
+    with pytest.raises(DatasetLayoutError, match="incomplete"):
+        PreparedCrops(tmp_path / "store")
+    source.loaded, source.fail_at = [], None
+    resumed = prepare_store(source, tmp_path / "store", CropRule(32, 16))
+    assert source.loaded == [3, 4]
+    uninterrupted = prepare_store(source, tmp_path / "fresh", CropRule(32, 16))
+    assert resumed["crops"] == uninterrupted["crops"]
+    stores = PreparedCrops(tmp_path / "store"), PreparedCrops(tmp_path / "fresh")
+    for index in range(len(resumed["crops"])):
+        a, b = (store.load_planes(index) for store in stores)
+        np.testing.assert_array_equal(a.inputs[0], b.inputs[0])
+        np.testing.assert_array_equal(a.target, b.target)
+
+
+def test_a_store_made_with_other_settings_is_refused(tmp_path, rng):
+    source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b"], (40, 40))
+    prepare_store(source, tmp_path / "store", CropRule(32, 16))
+    with pytest.raises(ConfigError, match="stride"):
+        prepare_store(source, tmp_path / "store", CropRule(32, 8))
+    prepare_store(source, tmp_path / "store", CropRule(32, 8), overwrite=True)
+    with pytest.raises(ConfigError, match="crops.*stride.*8.*16|stride"):
+        DeblurDataModule(train=source, in_channels=9, crops={"size": 32, "stride": 16}, prepared_dir=str(tmp_path / "store"))
+    single_view = DPDD(tmp_path / "DPDD", "train", views=["c"])
+    with pytest.raises(ConfigError, match="in_channels"):
+        DeblurDataModule(train=single_view, in_channels=3, crops={"size": 32, "stride": 8}, prepared_dir=str(tmp_path / "store"))
+    with pytest.raises(DatasetLayoutError, match="no prepared store"):
+        PreparedCrops(tmp_path / "nowhere")
+
+
+def batches(datamodule, count):
+    loader = datamodule.train_dataloader()
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(count)]
+
+
+def test_data_workers_read_the_store_as_the_main_process_does(tmp_path, rng):
+    source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b", "c"], (48, 48))
+    prepare_store(source, tmp_path / "store", CropRule(32, 16))
+    options = dict(train=source, in_channels=9, crops={"size": 32, "stride": 16}, prepared_dir=str(tmp_path / "store"), patch_schedule=[[0, 24, 4]])
+    in_process = batches(DeblurDataModule(num_workers=0, **options), 3)
+    in_workers = batches(DeblurDataModule(num_workers=2, **options), 3)
+    for a, b in zip(in_process, in_workers, strict=True):
+        assert a["name"] == b["name"]
+        torch.testing.assert_close(a["lq"], b["lq"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_prepare_cli_then_training_from_the_store(tmp_path):
+    run_cli("data.synthesize", f"out={tmp_path / 'GoPro'}", "train_pairs=4", "test_pairs=2", "image_size=48", cwd=tmp_path)
+    data = [f"paths.data_dir={tmp_path}", "data=gopro", "data.crops.size=32", "data.crops.stride=16"]
+    prepared = run_cli("data.prepare", *data, f"out={tmp_path / 'store'}", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    assert "16 crops of 4 pairs" in prepared.stdout
+    from_store = [*data, f"data.prepared_dir={tmp_path / 'store'}", "model=restormer", *TINY_RESTORMER, *FAST_TRAINER]
+    trained = run_cli(
+        "train", *from_store, "data.num_workers=2", "data.patch_schedule=[[0,32,2]]", "trainer.accumulate_grad_batches=1",
+        "test=false", f"paths.output_dir={tmp_path / 'run'}", cwd=tmp_path,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "16 prepared crops" in trained.stdout
+    refused = run_cli("train", *from_store, "data.crops.stride=8", f"paths.output_dir={tmp_path / 'refused'}", cwd=tmp_path)
+    assert refused.returncode == 1 and "stride" in refused.stderr
