@@ -2,17 +2,20 @@
 # pinned in requirements/lock.txt. Extra arguments go in ARGS, e.g. make train ARGS="model=restormer data=gopro".
 PYTHON ?= python3
 VENV ?= .venv
+# The PyTorch build: empty = PyPI's default (CUDA 13, also runs on CPU); or an index of other builds,
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu126 (CUDA 12.6 drivers) or .../whl/cpu (CPU only).
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup quickstart train summary evaluate predict synthesize test lock clean
+.PHONY: setup quickstart train summary evaluate predict synthesize prepare test lint lock clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --constraint requirements/lock.txt --editable ".[dev]"
+	$(BIN)/python -m pip install --quiet --constraint requirements/lock.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) --editable ".[dev]"
 	touch $(STAMP)
 
 quickstart: setup  ## the README's main job: a short training run on the embedded data
@@ -33,8 +36,15 @@ predict: setup  ## restore images: make predict ARGS="ckpt=... input=... output=
 synthesize: setup  ## write synthetic pairs to disk: make synthesize ARGS="out=/tmp/synthetic"
 	$(BIN)/python -m deblur_diffusion.data.synthesize $(ARGS)
 
+prepare: setup  ## the official training crops into a store: make prepare ARGS="data=gopro out=DIR"
+	$(BIN)/python -m deblur_diffusion.data.prepare $(ARGS)
+
 test: setup  ## the test suite (what .ci/run calls)
 	$(BIN)/python -m pytest -n auto $(ARGS)
+
+lint: setup  ## ruff: lint rules and formatting (pyproject.toml [tool.ruff])
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 lock:  ## re-pin requirements/lock.txt from a fresh resolution of pyproject.toml
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

@@ -63,21 +63,39 @@ class GpuProbe(L.Callback):
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - self.started if self.started else float("nan")
         if trainer.is_global_zero:
-            Path(self.output).write_text(json.dumps({
-                "images_per_second": self.images / elapsed if self.images else float("nan"),
-                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-            }))
+            Path(self.output).write_text(
+                json.dumps(
+                    {
+                        "images_per_second": self.images / elapsed if self.images else float("nan"),
+                        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+                    }
+                )
+            )
 
 
 def run(stage: str, variant: list[str], devices: int, args, folder: Path) -> dict:
     output = folder / f"{stage}-{len(list(folder.iterdir()))}.json"
     trainer = ["trainer=ddp", f"trainer.devices={devices}"] if devices > 1 else ["trainer=gpu"]
     command = [
-        sys.executable, "-m", "deblur_diffusion.train", *STAGES[stage], *trainer, *variant,
-        f"trainer.max_steps={args.steps}", "trainer.val_check_interval=1000000", "trainer.num_sanity_val_steps=0",
-        "trainer.accumulate_grad_batches=1", "test=false", "callbacks=none", "logger=csv", "data.num_workers=4",
-        f"data.patch_schedule=[[0,{args.patch},{args.batch * devices}]]", f"data.train.image_size={max(args.patch, 256)}",
-        "+callbacks.probe._target_=gpu_check.GpuProbe", f"+callbacks.probe.output={output}", f"hydra.run.dir={folder}/{stage}",
+        sys.executable,
+        "-m",
+        "deblur_diffusion.train",
+        *STAGES[stage],
+        *trainer,
+        *variant,
+        f"trainer.max_steps={args.steps}",
+        "trainer.val_check_interval=1000000",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.accumulate_grad_batches=1",
+        "test=false",
+        "callbacks=none",
+        "logger=csv",
+        "data.num_workers=4",
+        f"data.patch_schedule=[[0,{args.patch},{args.batch * devices}]]",
+        f"data.train.image_size={max(args.patch, 256)}",
+        "+callbacks.probe._target_=gpu_check.GpuProbe",
+        f"+callbacks.probe.output={output}",
+        f"hydra.run.dir={folder}/{stage}",
     ]
     env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     finished = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -96,7 +114,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA device (none found)")
     devices = torch.cuda.device_count()
-    table = Table(title=f"{torch.cuda.get_device_name(0)} x {devices}: patch {args.patch}, batch {args.batch} per device, {args.steps} steps")
+    table = Table(
+        title=f"{torch.cuda.get_device_name(0)} x {devices}: patch {args.patch}, batch {args.batch} per device, {args.steps} steps"
+    )
     for column in ("stage", "variant", "devices", "images/s", "peak memory (GiB)"):
         table.add_column(column, justify="left" if column in ("stage", "variant") else "right")
     with tempfile.TemporaryDirectory() as folder:

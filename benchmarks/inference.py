@@ -14,6 +14,7 @@ Compare figures within one run (ratios); absolute CPU times depend on the machin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import threading
@@ -36,10 +37,8 @@ MODELS: dict[str, tuple[Callable[..., torch.nn.Module], int]] = {
 
 def _release_free_heap() -> None:
     """Returns freed heap pages to the OS so that resident memory reflects live data only."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def _resident_bytes() -> int:
@@ -136,10 +135,14 @@ def main() -> None:
             for mode in args.modes:
                 inference = Inference(mode, tile_size=256, stride=220, tile_batch_size=args.tile_batch)
                 with torch.no_grad():
-                    seconds, peak = measure(lambda: inference(model, image), device, args.repeats, args.warmup)
+                    seconds, peak = measure(
+                        lambda inference=inference, model=model, image=image: inference(model, image), device, args.repeats, args.warmup
+                    )
                 if mode == "whole":
                     whole = (seconds, peak)
-                ratios = ("", "") if whole is None or mode == "whole" else (f"{seconds / whole[0]:.2f}x", f"{peak / max(whole[1], 1e-9):.2f}x")
+                ratios = (
+                    ("", "") if whole is None or mode == "whole" else (f"{seconds / whole[0]:.2f}x", f"{peak / max(whole[1], 1e-9):.2f}x")
+                )
                 table.add_row(name, f"infer {mode}", f"{height}x{width}", f"{seconds:.3f}", f"{peak:.0f}", *ratios)
                 console.print(f"measured {name} {mode} {height}x{width}: {seconds:.3f} s, {peak:.0f} MiB")
         if args.no_train:
@@ -153,7 +156,7 @@ def main() -> None:
             patches = torch.rand(args.train_batch, channels, 256, 256, device=device)
             target = torch.rand(args.train_batch, 3, 256, 256, device=device)
 
-            def step():
+            def step(optimizer=optimizer, network=network, patches=patches, target=target):
                 optimizer.zero_grad(set_to_none=True)
                 torch.nn.functional.l1_loss(network(patches), target).backward()
                 optimizer.step()

@@ -24,11 +24,11 @@ from skimage.metrics import peak_signal_noise_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_protocols import dpdd_reference, matlab_ssim_reference, realblur_reference  # noqa: E402
+from test_protocols import dpdd_reference, matlab_ssim_reference, realblur_reference
 
-from deblur_diffusion.data.io import read_image  # noqa: E402
-from deblur_diffusion.metrics import psnr, ssim  # noqa: E402
-from deblur_diffusion.protocols import PROTOCOLS  # noqa: E402
+from deblur_diffusion.data.io import read_image
+from deblur_diffusion.metrics import psnr, ssim
+from deblur_diffusion.protocols import PROTOCOLS
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel", "retina")
 
@@ -68,7 +68,7 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        for sharp, blurry, restored in test_like_pairs(args.pairs, args.size, rng):
+        for sharp, _blurry, restored in test_like_pairs(args.pairs, args.size, rng):
             target_file, saved_file = folder / "target.png", folder / "saved.png"
             cv2.imwrite(str(target_file), to_16bit(sharp, rng)[:, :, ::-1])
             # DPDD: the official tests score the float output against the target as they read it.
@@ -79,19 +79,32 @@ def main() -> None:
                 rows.setdefault(f"{protocol}: PSNR (dB), package vs official", []).append(ours["psnr"] - ref_psnr)
                 rows.setdefault(f"{protocol}: SSIM, package vs official", []).append(ours["ssim"] - ref_ssim)
             sixteen = nchw(read_image(target_file))
-            official_dual_ssim = dpdd_reference(np.float32(cv2.imread(str(target_file), -1)[:, :, ::-1]) / 65535.0, restored.astype(np.float32))[1]
-            rows.setdefault("dpdd_dual: SSIM, previous Gaussian SSIM vs official", []).append(ssim(nchw(restored), sixteen).item() - official_dual_ssim)
+            official_dual_ssim = dpdd_reference(
+                np.float32(cv2.imread(str(target_file), -1)[:, :, ::-1]) / 65535.0, restored.astype(np.float32)
+            )[1]
+            rows.setdefault("dpdd_dual: SSIM, previous Gaussian SSIM vs official", []).append(
+                ssim(nchw(restored), sixteen).item() - official_dual_ssim
+            )
             eight = np.float32(cv2.imread(str(target_file))[:, :, ::-1]) / 255.0
             single_psnr, single_ssim, _ = dpdd_reference(eight, restored.astype(np.float32))
-            rows.setdefault("dpdd_single: PSNR (dB), previous 16-bit reading vs official", []).append(psnr(nchw(restored), sixteen).item() - single_psnr)
-            rows.setdefault("dpdd_single: SSIM, previous 16-bit Gaussian vs official", []).append(ssim(nchw(restored), sixteen).item() - single_ssim)
+            rows.setdefault("dpdd_single: PSNR (dB), previous 16-bit reading vs official", []).append(
+                psnr(nchw(restored), sixteen).item() - single_psnr
+            )
+            rows.setdefault("dpdd_single: SSIM, previous 16-bit Gaussian vs official", []).append(
+                ssim(nchw(restored), sixteen).item() - single_ssim
+            )
             # GoPro / HIDE: MATLAB on the uint8 files.
             saved = np.uint8(np.rint(restored * 255))
             ours = PROTOCOLS["gopro_matlab"].score(nchw(saved / 255.0), nchw(sharp / 255.0), None)
-            rows.setdefault("gopro_matlab: PSNR (dB), package vs MATLAB formula", []).append(ours["psnr"] - peak_signal_noise_ratio(sharp, saved))
-            rows.setdefault("gopro_matlab: SSIM, package vs MATLAB 3-D definition", []).append(ours["ssim"] - matlab_ssim_reference(saved, sharp))
+            rows.setdefault("gopro_matlab: PSNR (dB), package vs MATLAB formula", []).append(
+                ours["psnr"] - peak_signal_noise_ratio(sharp, saved)
+            )
+            rows.setdefault("gopro_matlab: SSIM, package vs MATLAB 3-D definition", []).append(
+                ours["ssim"] - matlab_ssim_reference(saved, sharp)
+            )
             rows.setdefault("gopro_matlab: SSIM, previous per-channel Gaussian vs MATLAB", []).append(
-                ssim(nchw(saved / 255.0), nchw(sharp / 255.0)).item() - matlab_ssim_reference(saved, sharp))
+                ssim(nchw(saved / 255.0), nchw(sharp / 255.0)).item() - matlab_ssim_reference(saved, sharp)
+            )
             # RealBlur: the saved 8-bit output, aligned.
             cv2.imwrite(str(target_file), sharp[:, :, ::-1])
             cv2.imwrite(str(saved_file), saved[:, :, ::-1])

@@ -13,7 +13,9 @@ does not ship them):
 
 Each file is imported on its own, with BasicSR's registry replaced by a no-op decorator and, for
 Swintormer, fairscale's ``checkpoint_wrapper`` by activation checkpointing through
-``torch.utils.checkpoint`` (the official code checkpoints every level but the first, as released).
+``torch.utils.checkpoint`` (the official code checkpoints every level but the first, as released),
+and once more by the identity (the same network without checkpointing, a like-for-like reference
+for this package's default, which does not checkpoint).
 The official network gets this package's weights, so both compute the same function, and the
 outputs are compared before timing.
 
@@ -74,7 +76,7 @@ def _checkpoint_wrapper(module: nn.Module, **_) -> nn.Module:
 
 def import_reference(path: Path) -> types.ModuleType:
     """Imports one official architecture file with its framework imports stubbed out."""
-    registry = types.SimpleNamespace(register=lambda *args, **kwargs: (lambda obj: obj))
+    registry = types.SimpleNamespace(register=lambda *args, **kwargs: lambda obj: obj)
     for package in ("basicsr", "basicsr.utils", "fairscale"):
         sys.modules.setdefault(package, types.ModuleType(package))
     _stub_module("basicsr.utils.registry", ARCH_REGISTRY=registry)
@@ -108,11 +110,16 @@ def build_models(name: str, reference_dir: Path | None, size: int, batch: int):
         model.load_state_dict(state)
     models = dict(package)
     if reference_dir is not None:
-        official = getattr(import_reference(reference_dir / REFERENCE_FILES[name]), official_class)(**official_args)
-        missing, unexpected = official.load_state_dict(state, strict=False)
-        if unexpected or [key for key in missing if not key.endswith(("relative_coords_table", "relative_position_index"))]:
-            raise SystemExit(f"{name}: the official network does not take this package's weights: {missing[:5]} {unexpected[:5]}")
-        models = {"official": official, **models}
+        variants = {"official": True, "official without its checkpointing": False} if name == "swintormer" else {"official": True}
+        officials = {}
+        for label, checkpointing in variants.items():
+            module = import_reference(reference_dir / REFERENCE_FILES[name], checkpointing)
+            official = getattr(module, official_class)(**official_args)
+            missing, unexpected = official.load_state_dict(state, strict=False)
+            if unexpected or [key for key in missing if not key.endswith(("relative_coords_table", "relative_position_index"))]:
+                raise SystemExit(f"{name}: the official network does not take this package's weights: {missing[:5]} {unexpected[:5]}")
+            officials[label] = official
+        models = {**officials, **models}
     return inputs, models
 
 
@@ -163,14 +170,17 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     table = Table(title=f"Training step, batch {args.batch} x {args.size}^2, {device.type}, median of {args.repeats}")
-    for column in ("network", "code", "seconds", "official / this row"):
+    for column in ("network", "code", "seconds", "official / this row", "official without checkpointing / this row"):
         table.add_column(column, justify="left" if column in ("network", "code") else "right")
     for name in args.models:
         inputs, models = build_models(name, args.reference, args.size, args.batch)
         medians = {label: statistics.median(times) for label, times in time_steps(models, inputs, args.repeats, device).items()}
         for label, median in medians.items():
-            ratio = f"{medians['official'] / median:.2f}x" if "official" in medians else ""
-            table.add_row(name if label == next(iter(medians)) else "", label, f"{median:.3f}", ratio)
+            ratios = [
+                f"{medians[reference] / median:.2f}x" if reference in medians else ""
+                for reference in ("official", "official without its checkpointing")
+            ]
+            table.add_row(name if label == next(iter(medians)) else "", label, f"{median:.3f}", *ratios)
         table.add_section()
     Console().print(table)
 

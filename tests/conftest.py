@@ -10,7 +10,8 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("DEBLUR_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
+# The parity fixtures live in the repository (tests/fixtures); DEBLUR_FIXTURES points elsewhere.
+FIXTURES = Path(os.environ.get("DEBLUR_FIXTURES", REPO_ROOT / "tests" / "fixtures"))
 PARITY = FIXTURES / "official_parity"
 
 

@@ -4,7 +4,6 @@ import csv
 
 import pytest
 import torch
-
 from conftest import FAST_TRAINER, TINY_RESTORMER, TINY_SYNTHETIC, run_cli
 
 pytestmark = pytest.mark.slow
@@ -76,7 +75,9 @@ def test_summary_prints_the_dual_pixel_parameter_count(tmp_path):
 
 
 def test_synthesize_cli_writes_16_bit_gopro_layout(tmp_path):
-    result = run_cli("data.synthesize", f"out={tmp_path}/syn", "train_pairs=3", "test_pairs=2", "image_size=24", "bit_depth=16", cwd=tmp_path)
+    result = run_cli(
+        "data.synthesize", f"out={tmp_path}/syn", "train_pairs=3", "test_pairs=2", "image_size=24", "bit_depth=16", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list((tmp_path / "syn" / "train" / "input").glob("*.png"))) == 3
     assert len(list((tmp_path / "syn" / "test" / "target").glob("*.png"))) == 2

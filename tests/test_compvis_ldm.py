@@ -66,14 +66,26 @@ def write_lightning_era_checkpoint(folder, path):
     module.ModelCheckpoint = callback_class
     names = ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__)
     saved = {name: sys.modules.get(name) for name in names}
-    sys.modules.update({"pytorch_lightning": types.ModuleType("pytorch_lightning"),
-                        "pytorch_lightning.callbacks": types.ModuleType("pytorch_lightning.callbacks"), module.__name__: module})
+    sys.modules.update(
+        {
+            "pytorch_lightning": types.ModuleType("pytorch_lightning"),
+            "pytorch_lightning.callbacks": types.ModuleType("pytorch_lightning.callbacks"),
+            module.__name__: module,
+        }
+    )
     try:
         state = torch.load(folder / "model.ckpt", weights_only=True)["state_dict"]
-        torch.save({"epoch": 3, "global_step": 12345, "pytorch-lightning_version": "1.4.2",
-                    "callbacks": {callback_class: {"best_model_score": torch.tensor(0.1, dtype=torch.float64)}},
-                    "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-6, "betas": (0.9, 0.999), "params": [0]}]}],
-                    "state_dict": state}, path)
+        torch.save(
+            {
+                "epoch": 3,
+                "global_step": 12345,
+                "pytorch-lightning_version": "1.4.2",
+                "callbacks": {callback_class: {"best_model_score": torch.tensor(0.1, dtype=torch.float64)}},
+                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-6, "betas": (0.9, 0.999), "params": [0]}]}],
+                "state_dict": state,
+            },
+            path,
+        )
     finally:
         for name, previous in saved.items():
             if previous is None:
@@ -111,14 +123,37 @@ OFFICIAL_LDM_BSR = {
     "model": {
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
         "params": {
-            "unet_config": {"params": {"image_size": 64, "in_channels": 6, "out_channels": 3, "model_channels": 160,
-                                       "attention_resolutions": [16, 8], "num_res_blocks": 2, "channel_mult": [1, 2, 2, 4],
-                                       "num_head_channels": 32}},
-            "first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface",
-                                   "params": {"embed_dim": 3, "n_embed": 8192,
-                                              "ddconfig": {"double_z": False, "z_channels": 3, "resolution": 256, "in_channels": 3,
-                                                           "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4], "num_res_blocks": 2,
-                                                           "attn_resolutions": [], "dropout": 0.0}}},
+            "unet_config": {
+                "params": {
+                    "image_size": 64,
+                    "in_channels": 6,
+                    "out_channels": 3,
+                    "model_channels": 160,
+                    "attention_resolutions": [16, 8],
+                    "num_res_blocks": 2,
+                    "channel_mult": [1, 2, 2, 4],
+                    "num_head_channels": 32,
+                }
+            },
+            "first_stage_config": {
+                "target": "ldm.models.autoencoder.VQModelInterface",
+                "params": {
+                    "embed_dim": 3,
+                    "n_embed": 8192,
+                    "ddconfig": {
+                        "double_z": False,
+                        "z_channels": 3,
+                        "resolution": 256,
+                        "in_channels": 3,
+                        "out_ch": 3,
+                        "ch": 128,
+                        "ch_mult": [1, 2, 4],
+                        "num_res_blocks": 2,
+                        "attn_resolutions": [],
+                        "dropout": 0.0,
+                    },
+                },
+            },
         },
     }
 }
@@ -154,23 +189,49 @@ def test_the_official_prior_is_the_clamped_raw_latent_of_the_full_resolution_con
 @pytest.mark.slow
 def test_the_official_chain_runs_end_to_end_on_the_tiny_fixture_model(ldm_sr, tmp_path):
     from conftest import FAST_TRAINER, run_cli
+    from networks import prior_fused_swintormer_overrides
 
     folder = ldm_sr[0]
-    assert run_cli("data.synthesize", f"out={tmp_path}/GoPro", "train_pairs=4", "test_pairs=2", "image_size=40", cwd=tmp_path).returncode == 0
+    assert (
+        run_cli("data.synthesize", f"out={tmp_path}/GoPro", "train_pairs=4", "test_pairs=2", "image_size=40", cwd=tmp_path).returncode == 0
+    )
     for split in ("train", "val", "test"):
-        made = run_cli("generate_prior", f"ckpt={folder / 'model.ckpt'}", f"ldm_config={folder / 'config.yaml'}", "data=gopro",
-                       f"paths.data_dir={tmp_path}", f"split={split}", f"out={tmp_path}/priors", "steps=2", cwd=tmp_path)
+        made = run_cli(
+            "generate_prior",
+            f"ckpt={folder / 'model.ckpt'}",
+            f"ldm_config={folder / 'config.yaml'}",
+            "data=gopro",
+            f"paths.data_dir={tmp_path}",
+            f"split={split}",
+            f"out={tmp_path}/priors",
+            "steps=2",
+            cwd=tmp_path,
+        )
         assert made.returncode == 0, made.stderr[-3000:]
     manifest = json.loads((tmp_path / "priors" / "train" / "manifest.json").read_text())
     assert manifest["prior"] == "official" and len(manifest["priors"]) == 4
-    tiny = ["dim=8", "num_blocks=[1,1,1,1]", "num_refinement_blocks=1", "heads=[1,1,1,1]", "window_size=4"]
-    trained = run_cli("train", "model=swintormer", *[f"model.net.{o}" for o in tiny], "data=gopro", f"paths.data_dir={tmp_path}",
-                      f"data.prior_dir={tmp_path}/priors", "data.patch_schedule=[[0,32,2]]", "data.num_workers=0", *FAST_TRAINER,
-                      "test=false", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    trained = run_cli(
+        "train",
+        *prior_fused_swintormer_overrides(tmp_path, tmp_path / "priors"),
+        *FAST_TRAINER,
+        "test=false",
+        f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
-    evaluated = run_cli("evaluate", f"ckpt={tmp_path}/run/checkpoints/last.ckpt", "data=gopro", f"paths.data_dir={tmp_path}",
-                        f"data.prior_dir={tmp_path}/priors", "inference=swintormer_release", "inference.tile_size=32",
-                        "inference.stride=16", "lpips=false", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    evaluated = run_cli(
+        "evaluate",
+        f"ckpt={tmp_path}/run/checkpoints/last.ckpt",
+        "data=gopro",
+        f"paths.data_dir={tmp_path}",
+        f"data.prior_dir={tmp_path}/priors",
+        "inference=swintormer_release",
+        "inference.tile_size=32",
+        "inference.stride=16",
+        "lpips=false",
+        f"hydra.run.dir={tmp_path}/eval",
+        cwd=tmp_path,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["summary"]["all"]["images"] == 2
 
@@ -203,8 +264,13 @@ def test_the_online_prior_loads_the_released_checkpoint(ldm_sr):
     unet, _ = unet_from_ldm(params["unet_config"]["params"])
     prior = LatentPriorModel(vq_from_ldm(params["first_stage_config"]["params"]), unet, prior="official", sampling_steps=2)
     restorer = Swintormer(inp_channels=6, dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1], window_size=4)
-    stage = PriorFusedStage(PriorFusedNet(prior, restorer), torch.nn.L1Loss(), torch.optim.AdamW,
-                            prior_ckpt=str(folder / "model.ckpt"), prior_ldm_config=str(folder / "config.yaml"))
+    stage = PriorFusedStage(
+        PriorFusedNet(prior, restorer),
+        torch.nn.L1Loss(),
+        torch.optim.AdamW,
+        prior_ckpt=str(folder / "model.ckpt"),
+        prior_ldm_config=str(folder / "config.yaml"),
+    )
     eps = stage.net.prior.predict_noise(inputs["x_t"], inputs["t"], inputs["condition"])
     assert max_error(eps, outputs["eps_ema"]) < NETWORK_TOLERANCE
     assert max_error(stage.net.prior.alphas_cumprod, outputs["alphas_cumprod"]) == 0

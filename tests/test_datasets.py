@@ -180,7 +180,7 @@ def test_synthetic_split_is_by_source_and_validation_is_reproducible():
     assert all(any(source in n for source in (*VALIDATION_PHOTOS, "dead_leaves")) for n in names)
     first = [val.load(i, np.random.default_rng(i + 100)) for i in range(6)]
     again = [SyntheticPairs("val", length=6, image_size=32, seed=3).load(i, None) for i in range(6)]
-    for (lq_a, gt_a), (lq_b, gt_b) in zip(first, again):
+    for (lq_a, gt_a), (lq_b, gt_b) in zip(first, again, strict=False):
         np.testing.assert_array_equal(lq_a, lq_b)
         np.testing.assert_array_equal(gt_a, gt_b)
     # Every pair is visibly blurred.
@@ -233,9 +233,7 @@ def test_training_batches_do_not_depend_on_the_number_of_workers():
 def test_a_corrupt_file_read_in_a_worker_surfaces_with_its_name(tmp_path, rng):
     make_folder(tmp_path, rng)
     (tmp_path / "target" / "b.png").write_bytes(b"\x89PNG broken")
-    module = DeblurDataModule(
-        val=FolderPairs(tmp_path / "input", tmp_path / "target", verify_sizes=False), num_workers=1
-    )
+    module = DeblurDataModule(val=FolderPairs(tmp_path / "input", tmp_path / "target", verify_sizes=False), num_workers=1)
     with pytest.raises(ImageReadError, match="target/b.png"):
         list(module.val_dataloader())
 
@@ -245,8 +243,9 @@ def test_a_split_without_its_prior_folder_fails_only_when_used(tmp_path, rng):
     for name in ("a", "b", "c"):
         write_png(tmp_path / "priors" / "train" / f"{name}.png", random_pixels(rng, 24, 24, 16))
     pairs = FolderPairs(tmp_path / "input", tmp_path / "target")
-    module = DeblurDataModule(train=pairs, test=pairs, in_channels=6, prior_dir=str(tmp_path / "priors"),
-                              patch_schedule=[[0, 16, 3]], num_workers=0)
+    module = DeblurDataModule(
+        train=pairs, test=pairs, in_channels=6, prior_dir=str(tmp_path / "priors"), patch_schedule=[[0, 16, 3]], num_workers=0
+    )
     batch = next(iter(module.train_dataloader()))
     prior = cv2.imread(str(tmp_path / "priors" / "train" / f"{batch['name'][0]}.png"), cv2.IMREAD_UNCHANGED)
     assert batch["lq"].shape == (3, 6, 16, 16) and prior.dtype == np.uint16

@@ -7,19 +7,19 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from conftest import run_cli
 from deblur_diffusion import load_pretrained
 from deblur_diffusion.checkpoints import CheckpointError
 from deblur_diffusion.data.io import read_image_raw, write_image
 from deblur_diffusion.export import export
 from deblur_diffusion.inference import Inference
-from deblur_diffusion.metrics import DPDD_INDOOR_INDICES, LPIPS, LPIPSUnavailable, align_realblur, psnr, realblur_ssim, ssim
+from deblur_diffusion.metrics import DPDD_INDOOR_INDICES, LPIPS, LPIPSUnavailableError, align_realblur, psnr, realblur_ssim, ssim
 from deblur_diffusion.models import Restormer
-from deblur_diffusion.pretrained import load_network
+from deblur_diffusion.weights import load_network
 
 TINY_RESTORMER_KWARGS = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1])
 TINY_RESTORMER_OVERRIDES = [
@@ -49,7 +49,12 @@ def test_psnr_and_ssim_agree_with_scikit_image(kind, rng):
     else:
         restored, target = real_pair()
     expected_ssim = structural_similarity(
-        target.astype(np.float64), restored.astype(np.float64), channel_axis=2, gaussian_weights=True, sigma=1.5, data_range=1.0,
+        target.astype(np.float64),
+        restored.astype(np.float64),
+        channel_axis=2,
+        gaussian_weights=True,
+        sigma=1.5,
+        data_range=1.0,
         use_sample_covariance=False,
     )
     assert ssim(nchw(restored), nchw(target)).item() == pytest.approx(expected_ssim, abs=1e-9)
@@ -63,8 +68,14 @@ def test_masked_metrics_follow_the_realblur_formulas(rng):
     error = np.sum((target * mask - restored * mask) ** 2, dtype=np.float64) / mask.sum()
     assert psnr(nchw(restored * mask), nchw(target * mask), nchw(mask)).item() == pytest.approx(10 * np.log10(1 / error), abs=1e-6)
     _, full = structural_similarity(
-        target * mask, restored * mask, channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-        data_range=1.0, full=True,
+        target * mask,
+        restored * mask,
+        channel_axis=2,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1.0,
+        full=True,
     )
     inner, inner_mask = (full * mask)[5:-5, 5:-5], mask[5:-5, 5:-5]
     expected = np.mean(inner.sum(axis=(0, 1)) / inner_mask.sum(axis=(0, 1)))
@@ -84,7 +95,7 @@ def test_realblur_alignment_recovers_a_small_shift():
 
 def test_lpips_without_its_backbone_says_which_file_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(LPIPSUnavailable, match=r"alexnet-owt-7be5be79\.pth"):
+    with pytest.raises(LPIPSUnavailableError, match=r"alexnet-owt-7be5be79\.pth"):
         LPIPS()(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
 
 
@@ -113,7 +124,10 @@ def test_self_ensemble_averages_the_eight_flips_and_transposes():
 )
 def test_official_files_load_through_the_user_path(parity_dir, name, builder):
     folder = parity_dir / name
-    net_config = {"_target_": f"deblur_diffusion.models.{builder.capitalize()}", **json.loads((folder / "config.json").read_text())["kwargs"]}
+    net_config = {
+        "_target_": f"deblur_diffusion.models.{builder.capitalize()}",
+        **json.loads((folder / "config.json").read_text())["kwargs"],
+    }
     lq = torch.load(folder / "inputs.pt", weights_only=True)["lq"]
     expected = torch.load(folder / "outputs.pt", weights_only=True)["out"]
     loaded = load_network(folder / "net_g.pth", net_config)
@@ -133,8 +147,10 @@ def test_official_hidiff_files_load_as_parts(parity_dir):
         "denoiser": {"_target_": "deblur_diffusion.models.MixerDenoiser", **kwargs["net_d"]},
         "diffusion": {"_target_": "deblur_diffusion.models.PriorDiffusion", "timesteps": 8},
     }
-    files = {part: str(folder / f"{name}.pth") for part, name in
-             (("transformer", "net_g"), ("condition_encoder", "net_le_dm"), ("denoiser", "net_d"))}
+    files = {
+        part: str(folder / f"{name}.pth")
+        for part, name in (("transformer", "net_g"), ("condition_encoder", "net_le_dm"), ("denoiser", "net_d"))
+    }
     net = load_network(files, net_config).net.eval()
     inputs, outputs = (torch.load(folder / f"{n}.pt", weights_only=True) for n in ("inputs", "outputs"))
     with torch.no_grad():
@@ -180,12 +196,19 @@ def write_dpdd(root, scenes=76, size=24):
             write_image(root / f"test_{view}" / "source" / f"{index:03d}.png", blurry, 16)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_dpdd_indoor_outdoor_and_combined(tmp_path):
     _, path = tiny_official_file(tmp_path)
     write_dpdd(tmp_path / "DPDD")
     result = run_cli(
-        "evaluate", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, "data=dpdd", f"paths.data_dir={tmp_path}", "lpips=false",
-        f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path,
+        "evaluate",
+        f"ckpt={path}",
+        *TINY_RESTORMER_OVERRIDES,
+        "data=dpdd",
+        f"paths.data_dir={tmp_path}",
+        "lpips=false",
+        f"hydra.run.dir={tmp_path}/eval",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
@@ -201,14 +224,35 @@ def test_evaluate_reports_dpdd_indoor_outdoor_and_combined(tmp_path):
     assert "│ combined │     76 │" in run_log and f"Results: {tmp_path}/eval/summary.md" in run_log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bit_depth", [8, 16])
 def test_evaluate_on_a_synthesized_folder_scores_like_scikit_image(tmp_path, bit_depth):
     _, path = tiny_official_file(tmp_path)
-    assert run_cli("data.synthesize", f"out={tmp_path}/GoPro", "train_pairs=1", "test_pairs=3", "image_size=32",
-                   f"bit_depth={bit_depth}", cwd=tmp_path).returncode == 0
+    assert (
+        run_cli(
+            "data.synthesize",
+            f"out={tmp_path}/GoPro",
+            "train_pairs=1",
+            "test_pairs=3",
+            "image_size=32",
+            f"bit_depth={bit_depth}",
+            cwd=tmp_path,
+        ).returncode
+        == 0
+    )
     result = run_cli(
-        "evaluate", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, "data=gopro", "protocol=standard", f"paths.data_dir={tmp_path}", "save_images=true",
-        "inference=tiles", "inference.tile_size=16", "inference.stride=12", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path,
+        "evaluate",
+        f"ckpt={path}",
+        *TINY_RESTORMER_OVERRIDES,
+        "data=gopro",
+        "protocol=standard",
+        f"paths.data_dir={tmp_path}",
+        "save_images=true",
+        "inference=tiles",
+        "inference.tile_size=16",
+        "inference.stride=12",
+        f"hydra.run.dir={tmp_path}/eval",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LPIPS not reported" in result.stdout or "lpips" in (tmp_path / "eval" / "per_image.csv").read_text()
@@ -227,25 +271,41 @@ def test_evaluate_on_a_synthesized_folder_scores_like_scikit_image(tmp_path, bit
         assert float(row["ssim"]) == pytest.approx(expected_ssim, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_evaluate_without_a_test_split_says_so(tmp_path):
     _, path = tiny_official_file(tmp_path)
     result = run_cli("evaluate", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert result.returncode == 1 and "split=val" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_predict_keeps_names_and_bit_depth_and_reports_a_corrupt_file(tmp_path):
     _, path = tiny_official_file(tmp_path)
     inputs = tmp_path / "in"
     inputs.mkdir()
     for bit_depth, size in ((8, 24), (16, 72)):
-        written = run_cli("data.synthesize", f"out={tmp_path}/syn{bit_depth}", "train_pairs=0", "test_pairs=1",
-                          f"image_size={size}", f"bit_depth={bit_depth}", cwd=tmp_path)
+        written = run_cli(
+            "data.synthesize",
+            f"out={tmp_path}/syn{bit_depth}",
+            "train_pairs=0",
+            "test_pairs=1",
+            f"image_size={size}",
+            f"bit_depth={bit_depth}",
+            cwd=tmp_path,
+        )
         assert written.returncode == 0, written.stderr[-2000:]
         (inputs / f"bits{bit_depth}.png").write_bytes((tmp_path / f"syn{bit_depth}" / "test" / "input" / "000000.png").read_bytes())
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     result = run_cli(
-        "predict", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, f"input={inputs}", f"output={tmp_path}/out",
-        "tile_above_pixels=2000", "inference.tile_size=32", "inference.stride=24", cwd=tmp_path,
+        "predict",
+        f"ckpt={path}",
+        *TINY_RESTORMER_OVERRIDES,
+        f"input={inputs}",
+        f"output={tmp_path}/out",
+        "tile_above_pixels=2000",
+        "inference.tile_size=32",
+        "inference.stride=24",
+        cwd=tmp_path,
     )
     assert result.returncode == 1
     assert "broken.png" in result.stdout and "Restored 2 of 3" in result.stdout
@@ -255,19 +315,31 @@ def test_predict_keeps_names_and_bit_depth_and_reports_a_corrupt_file(tmp_path):
     assert sorted(p.name for p in inputs.iterdir()) == ["bits16.png", "bits8.png", "broken.png"]
 
 
+@pytest.mark.slow
 def test_predict_refuses_to_write_into_the_input_folder(tmp_path):
     _, path = tiny_official_file(tmp_path)
     write_image(tmp_path / "in" / "a.png", np.zeros((16, 16, 3)), 8)
-    result = run_cli("predict", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, f"input={tmp_path}/in", f"output={tmp_path}/in/restored", cwd=tmp_path)
+    result = run_cli(
+        "predict", f"ckpt={path}", *TINY_RESTORMER_OVERRIDES, f"input={tmp_path}/in", f"output={tmp_path}/in/restored", cwd=tmp_path
+    )
     assert result.returncode == 1 and "inside the input folder" in result.stderr
     assert not (tmp_path / "in" / "restored").exists()
 
 
+@pytest.mark.slow
 def test_training_checkpoint_exports_and_predicts(tmp_path):
     from conftest import FAST_TRAINER, TINY_RESTORMER, TINY_SYNTHETIC
 
-    trained = run_cli("train", *TINY_RESTORMER, *TINY_SYNTHETIC, *FAST_TRAINER, "model.ema_decay=0.9", "test=false",
-                      f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    trained = run_cli(
+        "train",
+        *TINY_RESTORMER,
+        *TINY_SYNTHETIC,
+        *FAST_TRAINER,
+        "model.ema_decay=0.9",
+        "test=false",
+        f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     ckpt = next((tmp_path / "run" / "checkpoints").glob("step*.ckpt"))
     exported = run_cli("export", f"ckpt={ckpt}", f"out={tmp_path}/export", cwd=tmp_path)

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAST_TRAINER, TINY_SYNTHETIC, run_cli
+
 from deblur_diffusion.checkpoints import CheckpointError, load_weights, official_state_dict
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.models import (
@@ -275,8 +275,10 @@ def snapshot(module):
 
 def test_stage_two_freezes_le_while_the_rest_learns():
     stage = tiny_stage_two()
-    before = {name: snapshot(getattr(stage, name) if name == "latent_encoder" else getattr(stage.net, name))
-              for name in ("latent_encoder", "transformer", "condition_encoder", "denoiser")}
+    before = {
+        name: snapshot(getattr(stage, name) if name == "latent_encoder" else getattr(stage.net, name))
+        for name in ("latent_encoder", "transformer", "condition_encoder", "denoiser")
+    }
     optimizer = train_steps(stage)
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert all(p.grad is None and id(p) not in optimised for p in stage.latent_encoder.parameters())
@@ -312,7 +314,7 @@ def test_tiled_inference_samples_the_prior_per_tile_or_per_image():
     for scope, expected_sizes in (("tile", [(16, 16)] * 2), ("image", [(32, 32)])):
         stage = tiny_stage_two(prior_scope=scope, inference=tiles).eval()
         sizes = []
-        stage.net.condition_encoder.register_forward_hook(lambda m, args, out: sizes.append(tuple(args[0].shape[-2:])))
+        stage.net.condition_encoder.register_forward_hook(lambda m, args, out, sizes=sizes: sizes.append(tuple(args[0].shape[-2:])))
         with torch.no_grad():
             restored = stage(image)
         assert restored.shape == image.shape
@@ -335,6 +337,7 @@ TINY_HIDIFF = [
 ]
 
 
+@pytest.mark.slow
 def test_both_stages_train_through_the_cli_stage_two_from_stage_one(tmp_path):
     common = [*TINY_HIDIFF, *TINY_SYNTHETIC, *FAST_TRAINER, "test=false"]
     first = run_cli(
@@ -367,11 +370,13 @@ def test_both_stages_train_through_the_cli_stage_two_from_stage_one(tmp_path):
     assert le_keys and all(torch.equal(stage_two[k.replace("net.", "", 1)], stage_one_weights[k]) for k in le_keys)
 
 
+@pytest.mark.slow
 def test_stage_two_without_stage_one_names_the_missing_key(tmp_path):
     result = run_cli("train", "model=hidiff_s2", *TINY_SYNTHETIC, *FAST_TRAINER, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode == 1 and "model.stage1_ckpt" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_summary_shows_the_inference_split(tmp_path):
     result = run_cli("summary", "model=hidiff_s2", "model.stage1_ckpt=null", "height=32", "width=32", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -7,13 +7,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_TRAINER, TINY_RESTORMER, run_cli
 
 from deblur_diffusion.data import DPDD, DeblurDataModule, FolderPairs
 from deblur_diffusion.data.patches import PatchKey, TrainPatches
 from deblur_diffusion.data.prepared import CropRule, PreparedCrops, prepare_store
 from deblur_diffusion.data.priors import WithPrior
 from deblur_diffusion.errors import ConfigError, DatasetLayoutError
-from conftest import FAST_TRAINER, TINY_RESTORMER, run_cli
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:
@@ -143,7 +143,9 @@ def batches(datamodule, count):
 def test_data_workers_read_the_store_as_the_main_process_does(tmp_path, rng):
     source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b", "c"], (48, 48))
     prepare_store(source, tmp_path / "store", CropRule(32, 16))
-    options = dict(train=source, in_channels=9, crops={"size": 32, "stride": 16}, prepared_dir=str(tmp_path / "store"), patch_schedule=[[0, 24, 4]])
+    options = dict(
+        train=source, in_channels=9, crops={"size": 32, "stride": 16}, prepared_dir=str(tmp_path / "store"), patch_schedule=[[0, 24, 4]]
+    )
     in_process = batches(DeblurDataModule(num_workers=0, **options), 3)
     in_workers = batches(DeblurDataModule(num_workers=2, **options), 3)
     for a, b in zip(in_process, in_workers, strict=True):
@@ -160,8 +162,14 @@ def test_prepare_cli_then_training_from_the_store(tmp_path):
     assert "16 crops of 4 pairs" in prepared.stdout
     from_store = [*data, f"data.prepared_dir={tmp_path / 'store'}", "model=restormer", *TINY_RESTORMER, *FAST_TRAINER]
     trained = run_cli(
-        "train", *from_store, "data.num_workers=2", "data.patch_schedule=[[0,32,2]]", "trainer.accumulate_grad_batches=1",
-        "test=false", f"paths.output_dir={tmp_path / 'run'}", cwd=tmp_path,
+        "train",
+        *from_store,
+        "data.num_workers=2",
+        "data.patch_schedule=[[0,32,2]]",
+        "trainer.accumulate_grad_batches=1",
+        "test=false",
+        f"paths.output_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "16 prepared crops" in trained.stdout

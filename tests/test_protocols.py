@@ -29,8 +29,9 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
 SIZE = (48, 64)
 
 
-def photographs(count=len(PHOTOS)):
-    """Crops of scikit-image's colour photographs, H x W x 3 uint8."""
+def photographs(count=None):
+    """Crops of scikit-image's colour photographs (all of them by default), H x W x 3 uint8."""
+    count = len(PHOTOS) if count is None else count
     crops = []
     for name in PHOTOS[:count]:
         image = getattr(skdata, name)()
@@ -64,11 +65,18 @@ def official_file(tmp_path, net):
 
 def run_evaluate(tmp_path, *overrides):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[
-            *overrides, f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path}/eval",
-            f"output_dir={tmp_path}/eval", "lpips=false",
-            "data.num_workers=0",
-        ])
+        cfg = compose(
+            "evaluate",
+            overrides=[
+                *overrides,
+                f"paths.root_dir={tmp_path}",
+                f"paths.data_dir={tmp_path}",
+                f"paths.output_dir={tmp_path}/eval",
+                f"output_dir={tmp_path}/eval",
+                "lpips=false",
+                "data.num_workers=0",
+            ],
+        )
     summary = evaluate(cfg)
     with open(tmp_path / "eval" / "per_image.csv") as handle:
         rows = {row["name"]: {k: v if k in ("name", "group") else float(v) for k, v in row.items()} for row in csv.DictReader(handle)}
@@ -105,8 +113,10 @@ def test_dpdd_single_reads_8_bit_as_cv2_imread_and_scores_like_utils_py(tmp_path
     assert set(summary) == {"all"}  # indoor/outdoor rows need the 76 test scenes
     for index in range(len(PHOTOS)):
         # test_single_image_defocus_deblur.py: np.float32(load_img(file)) / 255. with cv2.imread(file).
-        lq, gt = (np.float32(cv2.cvtColor(cv2.imread(str(tmp_path / "DPDD" / "test_c" / folder / f"{index:02d}.png")), cv2.COLOR_BGR2RGB)) / 255.0
-                  for folder in ("source", "target"))
+        lq, gt = (
+            np.float32(cv2.cvtColor(cv2.imread(str(tmp_path / "DPDD" / "test_c" / folder / f"{index:02d}.png")), cv2.COLOR_BGR2RGB)) / 255.0
+            for folder in ("source", "target")
+        )
         psnr, ssim, mae = dpdd_reference(gt, restore(net, lq))
         assert_scores(rows[f"{index:02d}"], psnr, ssim)
         assert rows[f"{index:02d}"]["mae"] == pytest.approx(mae, abs=1e-6)
@@ -123,12 +133,14 @@ def test_dpdd_dual_on_the_relaid_folders_reads_16_bit(tmp_path, rng):
         write_rgb(folder / "target" / f"{index}.png", to_16bit(photo, rng))
         for view in "CLR":
             write_rgb(folder / f"input{view}" / f"{index}.png", to_16bit(blurred(photo), rng))
-    summary, rows = run_evaluate(tmp_path, f"ckpt={path}", "model=restormer", *TINY_RESTORMER_OVERRIDES, "data=dpdd_dual")
+    _summary, rows = run_evaluate(tmp_path, f"ckpt={path}", "model=restormer", *TINY_RESTORMER_OVERRIDES, "data=dpdd_dual")
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["protocol"] == "dpdd_dual"
     for index in range(3):
         # test_dual_pixel_defocus_deblur.py: load_img16 = cv2.imread(file, -1), / 65535., input [L, R].
-        left, right, gt = (np.float32(cv2.cvtColor(cv2.imread(str(folder / name / f"{index}.png"), -1), cv2.COLOR_BGR2RGB)) / 65535.0
-                           for name in ("inputL", "inputR", "target"))
+        left, right, gt = (
+            np.float32(cv2.cvtColor(cv2.imread(str(folder / name / f"{index}.png"), -1), cv2.COLOR_BGR2RGB)) / 65535.0
+            for name in ("inputL", "inputR", "target")
+        )
         psnr, ssim, _ = dpdd_reference(gt, restore(net, np.concatenate([left, right], axis=2)))
         assert_scores(rows[str(index)], psnr, ssim)
 
@@ -152,7 +164,7 @@ def test_gopro_is_scored_as_evaluate_gopro_hide_m_on_the_saved_uint8_images(tmp_
     for index, photo in enumerate(photographs(3)):
         write_rgb(tmp_path / "GoPro" / "test" / "target" / f"{index}.png", photo)
         write_rgb(tmp_path / "GoPro" / "test" / "input" / f"{index}.png", blurred(photo))
-    summary, rows = run_evaluate(tmp_path, f"ckpt={path}", "model=restormer", *TINY_RESTORMER_OVERRIDES, "data=gopro")
+    _summary, rows = run_evaluate(tmp_path, f"ckpt={path}", "model=restormer", *TINY_RESTORMER_OVERRIDES, "data=gopro")
     assert list(rows["0"]) == ["name", "group", "psnr", "ssim", "input_psnr", "input_ssim"]
     for index in range(3):
         # Motion_Deblurring/test.py saves img_as_ubyte(restored); the .m file reads it and the target with imread.
@@ -192,29 +204,53 @@ def realblur_reference(saved_file, target_file):
     prd = io.imread(saved_file).astype(np.float32) / 255.0
     zs = (np.sum(tar * prd) / np.sum(prd * prd)) * prd
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 0)
-    _, warp = cv2.findTransformECC(cv2.cvtColor(tar, cv2.COLOR_RGB2GRAY), cv2.cvtColor(zs, cv2.COLOR_RGB2GRAY),
-                                   np.eye(3, 3, dtype=np.float32), cv2.MOTION_HOMOGRAPHY, criteria, inputMask=None, gaussFiltSize=5)
+    _, warp = cv2.findTransformECC(
+        cv2.cvtColor(tar, cv2.COLOR_RGB2GRAY),
+        cv2.cvtColor(zs, cv2.COLOR_RGB2GRAY),
+        np.eye(3, 3, dtype=np.float32),
+        cv2.MOTION_HOMOGRAPHY,
+        criteria,
+        inputMask=None,
+        gaussFiltSize=5,
+    )
     shape = (tar.shape[1], tar.shape[0])
     zr = cv2.warpPerspective(zs, warp, shape, flags=cv2.INTER_CUBIC + cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REFLECT)
-    cr = cv2.warpPerspective(np.ones_like(zs, dtype="float32"), warp, shape, flags=cv2.INTER_NEAREST + cv2.WARP_INVERSE_MAP,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    cr = cv2.warpPerspective(
+        np.ones_like(zs, dtype="float32"),
+        warp,
+        shape,
+        flags=cv2.INTER_NEAREST + cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
     prd, tar = zr * cr, tar * cr
     psnr = 10 * np.log10(1 / (np.sum((tar - prd) ** 2, dtype=np.float64) / np.sum(cr)))
-    _, ssim_map = structural_similarity(tar, prd, channel_axis=2, gaussian_weights=True, use_sample_covariance=False, data_range=1.0, full=True)
+    _, ssim_map = structural_similarity(
+        tar, prd, channel_axis=2, gaussian_weights=True, use_sample_covariance=False, data_range=1.0, full=True
+    )
     ssim = ((ssim_map * cr)[5:-5, 5:-5].sum(axis=(0, 1)) / cr[5:-5, 5:-5].sum(axis=(0, 1))).mean()
     return psnr, ssim
 
 
 def test_realblur_relaid_test_folder_is_scored_like_evaluate_realblur_py(tmp_path):
-    net, path = official_file(tmp_path, Restormer(**TINY_RESTORMER))
+    _net, path = official_file(tmp_path, Restormer(**TINY_RESTORMER))
     folder = tmp_path / "RealBlur" / "test" / "RealBlur_J"
     for index, photo in enumerate(photographs(2)):
         write_rgb(folder / "target" / f"scene{index}.png", photo)
         write_rgb(folder / "input" / f"scene{index}.png", blurred(np.roll(photo, 1, axis=1)))
-    summary, rows = run_evaluate(tmp_path, f"ckpt={path}", "model=restormer", *TINY_RESTORMER_OVERRIDES, "data=realblur_j", "save_images=true")
+    _summary, rows = run_evaluate(
+        tmp_path, f"ckpt={path}", "model=restormer", *TINY_RESTORMER_OVERRIDES, "data=realblur_j", "save_images=true"
+    )
     for index in range(2):
-        assert_scores(rows[f"scene{index}"], *realblur_reference(tmp_path / "eval" / "images" / f"scene{index}.png", folder / "target" / f"scene{index}.png"))
-        assert_scores(rows[f"scene{index}"], *realblur_reference(folder / "input" / f"scene{index}.png", folder / "target" / f"scene{index}.png"), prefix="input_")
+        assert_scores(
+            rows[f"scene{index}"],
+            *realblur_reference(tmp_path / "eval" / "images" / f"scene{index}.png", folder / "target" / f"scene{index}.png"),
+        )
+        assert_scores(
+            rows[f"scene{index}"],
+            *realblur_reference(folder / "input" / f"scene{index}.png", folder / "target" / f"scene{index}.png"),
+            prefix="input_",
+        )
 
 
 def test_a_protocol_that_reads_otherwise_than_the_data_is_refused(tmp_path, rng):
@@ -241,15 +277,27 @@ def test_a_prior_fused_swintormer_is_evaluated_through_the_datamodule(tmp_path, 
         prior = to_16bit(255 - photo, rng)
         write_rgb(tmp_path / "priors" / "test" / f"{index}.png", prior)
     overrides = [f"model.net.{k}={v}".replace(" ", "") for k, v in TINY_SWINTORMER.items()]
-    summary, rows = run_evaluate(tmp_path, f"ckpt={path}", "model=swintormer", *overrides, f"data={data}", f"data.prior_dir={tmp_path}/priors")
+    summary, rows = run_evaluate(
+        tmp_path, f"ckpt={path}", "model=swintormer", *overrides, f"data={data}", f"data.prior_dir={tmp_path}/priors"
+    )
     assert summary["all"]["images"] == 2
     # What the network saw: the views then the prior, as training reads them.
-    read = (lambda f: np.float32(cv2.imread(str(f))[:, :, ::-1]) / 255.0) if data == "gopro" else (
-        lambda f: np.float32(cv2.imread(str(f), -1)[:, :, ::-1]) / 65535.0)
+    read = (
+        (lambda f: np.float32(cv2.imread(str(f))[:, :, ::-1]) / 255.0)
+        if data == "gopro"
+        else (lambda f: np.float32(cv2.imread(str(f), -1)[:, :, ::-1]) / 65535.0)
+    )
     for index in range(2):
-        views = [tmp_path / "GoPro" / "test" / "input" / f"{index}.png"] if data == "gopro" else [
-            tmp_path / "DPDD" / f"test_{v}" / "source" / f"{index}.png" for v in "lr"]
-        lq = np.concatenate([read(f) for f in views] + [np.float32(cv2.imread(str(tmp_path / "priors" / "test" / f"{index}.png"), -1)[:, :, ::-1]) / 65535.0], axis=2)
+        views = (
+            [tmp_path / "GoPro" / "test" / "input" / f"{index}.png"]
+            if data == "gopro"
+            else [tmp_path / "DPDD" / f"test_{v}" / "source" / f"{index}.png" for v in "lr"]
+        )
+        lq = np.concatenate(
+            [read(f) for f in views]
+            + [np.float32(cv2.imread(str(tmp_path / "priors" / "test" / f"{index}.png"), -1)[:, :, ::-1]) / 65535.0],
+            axis=2,
+        )
         expected = restore(net, lq)
         target = read(tmp_path / ("GoPro/test/target" if data == "gopro" else "DPDD/test_c/target") / f"{index}.png")
         if data == "gopro":

@@ -81,13 +81,6 @@ def test_wrong_channel_count_is_rejected_with_expected_shape():
         tiny()(torch.rand(1, 4, 16, 16))
 
 
-def test_gradients_reach_every_parameter():
-    model = tiny()
-    model(torch.rand(1, 3, 16, 24)).square().mean().backward()
-    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
-    assert missing == []
-
-
 def test_bias_free_layer_norm_matches_definition():
     norm = ChannelLayerNorm(5, with_bias=False)
     torch.nn.init.uniform_(norm.body.weight, 0.5, 1.5)
@@ -104,9 +97,7 @@ def test_with_bias_layer_norm_matches_definition():
     x = torch.randn(2, 5, 3, 4) + 3.0
     mean = x.mean(dim=1, keepdim=True)
     variance = x.var(dim=1, keepdim=True, unbiased=False)
-    expected = (x - mean) / torch.sqrt(variance + 1e-5) * norm.body.weight.view(1, -1, 1, 1) + norm.body.bias.view(
-        1, -1, 1, 1
-    )
+    expected = (x - mean) / torch.sqrt(variance + 1e-5) * norm.body.weight.view(1, -1, 1, 1) + norm.body.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(norm(x), expected)
 
 

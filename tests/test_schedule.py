@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from deblur_diffusion.data.schedule import ProgressiveSchedule, StepBatchSampler
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.stages.schedules import cosine_annealing_restarts
@@ -22,9 +23,7 @@ def test_official_schedule_phases():
     assert schedule.max_patch_size == 384
 
 
-@pytest.mark.parametrize(
-    "phases", [[], [[1, 64, 2]], [[0, 64, 2], [0, 96, 1]], [[0, 64]], [[0, 0, 2]], [[0, 64, 2], [5, 32, 0]]]
-)
+@pytest.mark.parametrize("phases", [[], [[1, 64, 2]], [[0, 64, 2], [0, 96, 1]], [[0, 64]], [[0, 0, 2]], [[0, 64, 2], [5, 32, 0]]])
 def test_invalid_schedules_are_rejected(phases):
     with pytest.raises(ValueError):
         ProgressiveSchedule(phases)
@@ -57,8 +56,7 @@ def test_ranks_and_micro_batches_split_each_step_without_overlap():
     phases = ((0, 32, 8), (3, 64, 4))
     parts = {(r, a): sampler(40, phases, rank=r, world_size=2, accumulation=2) for r in (0, 1) for a in (0, 1)}
     for step in range(6):
-        keys = [key for (r, a), s in sorted(parts.items(), key=lambda item: (item[0][1], item[0][0]))
-                for key in s.batch(step * 2 + a)]
+        keys = [key for (r, a), s in sorted(parts.items(), key=lambda item: (item[0][1], item[0][0])) for key in s.batch(step * 2 + a)]
         assert len(keys) == (8 if step < 3 else 4) and len({k.seed for k in keys}) == len(keys)
         whole = sampler(40, phases).batch(step)  # one rank, no accumulation: the same step's samples
         assert [k.index for k in keys] == [k.index for k in whole] and [k.seed for k in keys] == [k.seed for k in whole]
@@ -76,7 +74,7 @@ def test_a_global_batch_that_does_not_split_or_a_too_small_dataset_is_an_error()
 def official_cosine_restart_lr(step, base, periods, eta_mins):
     """BasicSR's CosineAnnealingRestartCyclicLR, written out from its documented formula."""
     start = 0
-    for period, eta_min in zip(periods, eta_mins):
+    for period, eta_min in zip(periods, eta_mins, strict=False):
         if step < start + period:
             return eta_min + 0.5 * (base - eta_min) * (1 + math.cos(math.pi * (step - start) / period))
         start += period

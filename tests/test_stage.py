@@ -1,6 +1,7 @@
 """The regression training stage in process, with tiny models and data."""
 
 import functools
+from typing import ClassVar
 
 import lightning as L
 import numpy as np
@@ -47,7 +48,7 @@ def fit(stage, steps=3, accelerator="cpu", **trainer_options):
 class RecordingSGD(torch.optim.SGD):
     """Records the gradient norm the optimiser sees, i.e. after Lightning's clipping."""
 
-    norms: list = []
+    norms: ClassVar[list] = []
 
     def step(self, closure=None):
         loss = closure() if closure is not None else None

@@ -2,24 +2,29 @@
 
 import pytest
 import torch
+from conftest import FAST_TRAINER, TINY_RESTORMER, TINY_SYNTHETIC
 from hydra import compose, initialize_config_dir
 
-from conftest import FAST_TRAINER, REPO_ROOT, TINY_RESTORMER, TINY_SYNTHETIC
+from deblur_diffusion.cli import config_dir
 from deblur_diffusion.data.schedule import ProgressiveSchedule
 from deblur_diffusion.losses import CharbonnierLoss
 from deblur_diffusion.train import train
 
 
 def compose_train(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        return compose(
-            "train", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", *overrides]
-        )
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", *overrides])
 
 
 def test_train_returns_the_monitored_metric_and_logs_to_tensorboard(tmp_path):
     cfg = compose_train(
-        tmp_path, *TINY_RESTORMER, *TINY_SYNTHETIC, *FAST_TRAINER, "logger=[csv,tensorboard]", "model/loss=charbonnier", "model.ema_decay=0.9"
+        tmp_path,
+        *TINY_RESTORMER,
+        *TINY_SYNTHETIC,
+        *FAST_TRAINER,
+        "logger=[csv,tensorboard]",
+        "model/loss=charbonnier",
+        "model.ema_decay=0.9",
     )
     value = train(cfg)
     checkpoint = torch.load(next((tmp_path / "run" / "checkpoints").glob("step*.ckpt")), weights_only=True)
@@ -37,8 +42,9 @@ def test_restormer_presets_compose(tmp_path, experiment):
     assert cfg.model.net.dual_pixel_task == experiment.endswith("dual")
     if experiment != "quickstart":
         # REFERENCE.md: phases [92k, 64k, 48k, 36k, 36k, 24k], 8 GPUs x [8, 5, 4, 2, 1, 1] = global [64, 40, 32, 16, 8, 8].
-        schedule = ProgressiveSchedule.from_official([92000, 64000, 48000, 36000, 36000, 24000], [128, 160, 192, 256, 320, 384],
-                                                     [64, 40, 32, 16, 8, 8])
+        schedule = ProgressiveSchedule.from_official(
+            [92000, 64000, 48000, 36000, 36000, 24000], [128, 160, 192, 256, 320, 384], [64, 40, 32, 16, 8, 8]
+        )
         assert ProgressiveSchedule(cfg.data.patch_schedule).phases == schedule.phases
         assert schedule.per_device_batches(8, 1) == [8, 5, 4, 2, 1, 1]
         assert schedule.per_device_batches(1, cfg.trainer.accumulate_grad_batches) == [8, 5, 4, 2, 1, 1]
@@ -76,10 +82,21 @@ def test_swintormer_on_dpdd_composes_with_matching_channels(tmp_path, data):
     assert cfg.model.net.inp_channels == (6 if data == "dpdd_dual" else 3)
 
 
-def test_charbonnier_matches_its_formula():
-    prediction, target = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
-    expected = torch.sqrt((prediction - target) ** 2 + 1e-6).mean()
-    torch.testing.assert_close(CharbonnierLoss(eps=1e-3)(prediction, target), expected)
+def test_charbonnier_values_and_gradients():
+    target = torch.rand(2, 3, 4, 4)
+    loss = CharbonnierLoss(eps=0.04)
+    # Differences of 0.03 with eps 0.04: the 3-4-5 triangle, a loss of exactly 0.05.
+    torch.testing.assert_close(loss(target + 0.03, target), torch.tensor(0.05))
+    torch.testing.assert_close(loss(target, target), torch.tensor(0.04))
+    # Smooth at zero (no gradient), L1's gradient far from it.
+    at_zero = target.clone().requires_grad_()
+    loss(at_zero, target).backward()
+    assert torch.count_nonzero(at_zero.grad) == 0
+    far = (target + torch.where(torch.rand_like(target) > 0.5, 10.0, -10.0)).requires_grad_()
+    CharbonnierLoss(eps=1e-3)(far, target).backward()
+    l1 = far.detach().clone().requires_grad_()
+    torch.nn.functional.l1_loss(l1, target).backward()
+    torch.testing.assert_close(far.grad, l1.grad, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("dataset", ["gopro", "realblur_j", "realblur_r"])
@@ -89,7 +106,12 @@ def test_hidiff_presets_hold_the_official_recipes(tmp_path, dataset):
     for cfg in (first, second):
         # REFERENCE.md: global [64, 40, 32, 16, 8, 8] on 4 GPUs, phases of 20k then 200k iterations.
         assert [list(phase) for phase in cfg.data.patch_schedule] == [
-            [0, 128, 64], [20000, 160, 40], [40000, 192, 32], [60000, 256, 16], [80000, 320, 8], [100000, 384, 8]
+            [0, 128, 64],
+            [20000, 160, 40],
+            [40000, 192, 32],
+            [60000, 256, 16],
+            [80000, 320, 8],
+            [100000, 384, 8],
         ]
         schedule = ProgressiveSchedule(cfg.data.patch_schedule)
         assert schedule.per_device_batches(4, 1) == [16, 10, 8, 4, 2, 2]
@@ -124,7 +146,9 @@ def test_hidiff_ablation_presets_differ_only_where_the_paper_says(tmp_path):
 
 def test_diffusion_prior_presets_wire_the_pipeline(tmp_path):
     finetune = compose_train(tmp_path, "experiment=ldm_dpdd_decoder_finetune")
-    assert finetune.model._target_.endswith("DecoderFinetuneStage") and finetune.model.pretrained_dir.endswith("ldm-super-resolution-4x-openimages")
+    assert finetune.model._target_.endswith("DecoderFinetuneStage") and finetune.model.pretrained_dir.endswith(
+        "ldm-super-resolution-4x-openimages"
+    )
     assert finetune.model.net.sampling_steps == 50 and finetune.model.net.beta_schedule == "scaled_linear"
     assert (finetune.model.net.beta_start, finetune.model.net.beta_end) == (0.0015, 0.0155)
     for steps in (5, 10, 20, 50):

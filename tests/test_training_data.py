@@ -3,13 +3,15 @@ the global step across epochs, ranks get different pixels, and a resumed run see
 random state of an uninterrupted one."""
 
 from types import SimpleNamespace
+from typing import ClassVar
 
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_RESTORMER
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO_ROOT, TINY_RESTORMER
+from deblur_diffusion.cli import config_dir
 from deblur_diffusion.data import DeblurDataModule, SyntheticPairs
 from deblur_diffusion.data.schedule import ProgressiveSchedule
 from deblur_diffusion.errors import ConfigError
@@ -21,7 +23,7 @@ SCHEDULE = [[0, 16, 4], [3, 24, 2], [7, 32, 2]]
 class BatchProbe(L.Callback):
     """Records, for every training batch, the step, patch size, sample seeds, pixels and a random draw."""
 
-    records: list = []
+    records: ClassVar[list] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         BatchProbe.records.append(
@@ -38,16 +40,33 @@ class BatchProbe(L.Callback):
 
 def run(tmp_path, name, *overrides):
     BatchProbe.records = []
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/{name}", *TINY_RESTORMER,
-            "data.train.length=8", "data.train.image_size=40", "data.val.length=1", "data.val.image_size=32",
-            f"data.patch_schedule={SCHEDULE}".replace(" ", ""), "data.num_workers=2", "trainer=cpu", "trainer.log_every_n_steps=1",
-            "trainer.num_sanity_val_steps=0", "trainer.val_check_interval=4", "test=false", "callbacks=none",
-            "+callbacks.probe._target_=test_training_data.BatchProbe",
-            "+callbacks.last._target_=lightning.pytorch.callbacks.ModelCheckpoint", f"+callbacks.last.dirpath={tmp_path}/{name}/ckpt",
-            "+callbacks.last.save_last=true", "+callbacks.last.save_top_k=0", *overrides,
-        ])
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path}/{name}",
+                *TINY_RESTORMER,
+                "data.train.length=8",
+                "data.train.image_size=40",
+                "data.val.length=1",
+                "data.val.image_size=32",
+                f"data.patch_schedule={SCHEDULE}".replace(" ", ""),
+                "data.num_workers=2",
+                "trainer=cpu",
+                "trainer.log_every_n_steps=1",
+                "trainer.num_sanity_val_steps=0",
+                "trainer.val_check_interval=4",
+                "test=false",
+                "callbacks=none",
+                "+callbacks.probe._target_=test_training_data.BatchProbe",
+                "+callbacks.last._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                f"+callbacks.last.dirpath={tmp_path}/{name}/ckpt",
+                "+callbacks.last.save_last=true",
+                "+callbacks.last.save_top_k=0",
+                *overrides,
+            ],
+        )
     train(cfg)
     return list(BatchProbe.records)
 
@@ -68,8 +87,9 @@ def test_the_phase_follows_the_global_step_and_a_resumed_run_sees_the_same_batch
 def test_two_ranks_receive_different_pixels_and_random_states():
     received = []
     for rank in (0, 1):
-        data = DeblurDataModule(train=SyntheticPairs("train", length=16, image_size=32, kernel_size=5), patch_schedule=[[0, 16, 4]],
-                                num_workers=0, seed=3)
+        data = DeblurDataModule(
+            train=SyntheticPairs("train", length=16, image_size=32, kernel_size=5), patch_schedule=[[0, 16, 4]], num_workers=0, seed=3
+        )
         data.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=0, accumulate_grad_batches=1, training=True)
         torch.manual_seed(3)  # seed_everything gives every rank the same state
         batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)

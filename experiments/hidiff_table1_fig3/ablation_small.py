@@ -60,14 +60,20 @@ def main() -> None:
         "Single-Guide stage one", "s1_single", "experiment=hidiff_quick_s1", "model.net.transformer.multi_scale_prior=false"
     )
     record(
-        "Single-Guide", "s2_single", "experiment=hidiff_quick_s2", f"model.stage1_ckpt={single_one}",
+        "Single-Guide",
+        "s2_single",
+        "experiment=hidiff_quick_s2",
+        f"model.stage1_ckpt={single_one}",
         "model.net.transformer.multi_scale_prior=false",
     )
     record("Split-Training", "s2_split", "experiment=hidiff_quick_s2", f"model.stage1_ckpt={stage_one}", "model.joint_training=false")
     record("HI-Diff (T = 8)", "s2", "experiment=hidiff_quick_s2", f"model.stage1_ckpt={stage_one}")
     for steps in args.timesteps:
         record(
-            f"HI-Diff (T = {steps})", f"s2_T{steps}", "experiment=hidiff_quick_s2", f"model.stage1_ckpt={stage_one}",
+            f"HI-Diff (T = {steps})",
+            f"s2_T{steps}",
+            "experiment=hidiff_quick_s2",
+            f"model.stage1_ckpt={stage_one}",
             f"model.net.diffusion.timesteps={steps}",
         )
 

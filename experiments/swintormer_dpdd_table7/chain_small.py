@@ -22,11 +22,25 @@ from pathlib import Path
 
 ROW = re.compile(r"│ (PSNR|SSIM)\s+│\s+([\d.]+)(?: dB)?\s+│\s+([\d.]+)")
 SWINTORMER = [
-    "model=swintormer", "model.net.dim=16", "model.net.num_blocks=[1,1,1,1]", "model.net.num_refinement_blocks=1",
-    "model.net.heads=[1,1,2,2]", "model.net.window_size=4", "model.optimizer.lr=1e-3", "model.scheduler.periods=[600]",
-    "model.scheduler.eta_mins=[1e-5]", "model.ema_decay=null", "data=gopro", "data/schedule=constant",
-    "data.patch_schedule=[[0,48,8]]", "data.num_workers=1", "trainer=cpu", "trainer.max_steps=600",
-    "trainer.val_check_interval=200", "trainer.log_every_n_steps=20", "test=false",
+    "model=swintormer",
+    "model.net.dim=16",
+    "model.net.num_blocks=[1,1,1,1]",
+    "model.net.num_refinement_blocks=1",
+    "model.net.heads=[1,1,2,2]",
+    "model.net.window_size=4",
+    "model.optimizer.lr=1e-3",
+    "model.scheduler.periods=[600]",
+    "model.scheduler.eta_mins=[1e-5]",
+    "model.ema_decay=null",
+    "data=gopro",
+    "data/schedule=constant",
+    "data.patch_schedule=[[0,48,8]]",
+    "data.num_workers=1",
+    "trainer=cpu",
+    "trainer.max_steps=600",
+    "trainer.val_check_interval=200",
+    "trainer.log_every_n_steps=20",
+    "test=false",
 ]
 
 
@@ -65,8 +79,18 @@ def main() -> None:
     previous = []
     for stage in ("autoencoder", "prior", "decoder_finetune"):
         steps = ["trainer.max_steps=100"] if stage == "decoder_finetune" else []
-        stdout, seconds = run(out, stage, "train", "experiment=ldm_quick", f"model=ldm_{stage}", *data, *previous, *steps,
-                              f"hydra.run.dir={out}/{stage}", "test=false")
+        stdout, seconds = run(
+            out,
+            stage,
+            "train",
+            "experiment=ldm_quick",
+            f"model=ldm_{stage}",
+            *data,
+            *previous,
+            *steps,
+            f"hydra.run.dir={out}/{stage}",
+            "test=false",
+        )
         record(f"LDM stage: {stage} (validation: {'reconstruction' if stage == 'autoencoder' else 'sampled prior'})", stdout, seconds)
         previous = [f"model.init_ckpt={next((out / stage / 'checkpoints').glob('step*.ckpt'))}"]
     decoder = next((out / "decoder_finetune" / "checkpoints").glob("step*.ckpt"))
@@ -75,13 +99,29 @@ def main() -> None:
     record("Swintormer without prior", stdout, seconds)
     for steps in args.timesteps:
         seconds = sum(
-            run(out, f"priors_T{steps}_{split}", "generate_prior", f"ckpt={decoder}", "data=gopro", *data, f"split={split}",
-                f"steps={steps}", f"out={out}/priors/T{steps}")[1]
+            run(
+                out,
+                f"priors_T{steps}_{split}",
+                "generate_prior",
+                f"ckpt={decoder}",
+                "data=gopro",
+                *data,
+                f"split={split}",
+                f"steps={steps}",
+                f"out={out}/priors/T{steps}",
+            )[1]
             for split in ("train", "val")
         )
         rows.append((f"generate_prior, T = {steps} (train + val)", {}, seconds))
-        stdout, seconds = run(out, f"swintormer_T{steps}", "train", *SWINTORMER, *data, f"data.prior_dir={out}/priors/T{steps}",
-                              f"hydra.run.dir={out}/swintormer_T{steps}")
+        stdout, seconds = run(
+            out,
+            f"swintormer_T{steps}",
+            "train",
+            *SWINTORMER,
+            *data,
+            f"data.prior_dir={out}/priors/T{steps}",
+            f"hydra.run.dir={out}/swintormer_T{steps}",
+        )
         record(f"Swintormer with the prior, T = {steps}", stdout, seconds)
 
     lines = ["| step | val PSNR (dB) | val SSIM | time (s) |", "|---|---|---|---|"]

@@ -83,8 +83,7 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: s
         if wrong_shape:
             problems.append(f"wrong shape {_listing(wrong_shape)}")
         raise CheckpointError(
-            f"{source} does not fit {type(module).__name__}: " + "; ".join(problems)
-            + ". Is it the same architecture and configuration?"
+            f"{source} does not fit {type(module).__name__}: " + "; ".join(problems) + ". Is it the same architecture and configuration?"
         )
     module.load_state_dict(state)
 

@@ -19,13 +19,13 @@ from rich.console import Console, RenderableType
 from rich.text import Text
 
 from deblur_diffusion.errors import ConfigError, DeblurError
+from deblur_diffusion.restorer import Restorer, pick_device
+from deblur_diffusion.weights import load_network
 
 IMAGE_CHANNELS = 3
 # ${with_prior:CHANNELS,FLAG}: CHANNELS, plus the 3 of a diffusion prior when FLAG is set (a prior
 # folder, or true for the online prior); lets data and model configs agree on the input channels.
-OmegaConf.register_new_resolver(
-    "with_prior", lambda channels, flag: int(channels) + (IMAGE_CHANNELS if flag else 0), replace=True
-)
+OmegaConf.register_new_resolver("with_prior", lambda channels, flag: int(channels) + (IMAGE_CHANNELS if flag else 0), replace=True)
 # ${product:A,B}: A * B, e.g. a validation interval in optimisation steps times the accumulation
 # (Lightning counts val_check_interval in micro-batches).
 OmegaConf.register_new_resolver("product", lambda a, b: int(a) * int(b), replace=True)
@@ -62,12 +62,13 @@ def pass_lightning_messages_to_run_log() -> None:
 
 
 def config_dir() -> str:
-    """The ``conf/`` folder: ``$DEBLUR_DIFFUSION_CONF`` if set, else the one of this checkout."""
-    candidate = Path(os.environ.get("DEBLUR_DIFFUSION_CONF", Path(__file__).resolve().parents[2] / "conf"))
+    """The Hydra configs: ``$DEBLUR_DIFFUSION_CONF`` if set, else the ``conf/`` folder installed
+    inside the package."""
+    candidate = Path(os.environ.get("DEBLUR_DIFFUSION_CONF", Path(__file__).resolve().parent / "conf"))
     if not (candidate / "train.yaml").is_file():
         raise SystemExit(
-            f"error: Hydra configs not found in {candidate}. Install the package in editable mode from its "
-            "repository (make setup) or set DEBLUR_DIFFUSION_CONF to the repository's conf/ folder."
+            f"error: Hydra configs not found in {candidate}. Reinstall the package (its conf/ folder is part of it) "
+            "or set DEBLUR_DIFFUSION_CONF to a folder laid out like src/deblur_diffusion/conf."
         )
     return str(candidate)
 
@@ -78,7 +79,9 @@ def require_complete(cfg: DictConfig, unused: tuple[str, ...] = ()) -> None:
     missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith(unused))
     if missing:
         raise ConfigError(
-            "missing required config value(s): " + ", ".join(missing) + ". Set them on the command line, e.g. "
+            "missing required config value(s): "
+            + ", ".join(missing)
+            + ". Set them on the command line, e.g. "
             + " ".join(f"{key}=..." for key in missing)
         )
 
@@ -127,3 +130,25 @@ def report_errors(task: Callable) -> Callable:
         sys.exit(1)
 
     return wrapper
+
+
+def weights_and_architecture(cfg: DictConfig) -> tuple[str | dict, dict | None]:
+    """``cfg.ckpt`` and, when a model config was given (for official files), its network config."""
+    weights = OmegaConf.to_container(cfg.ckpt, resolve=True) if isinstance(cfg.ckpt, DictConfig) else cfg.ckpt
+    if not cfg.get("model"):
+        return weights, None
+    missing = sorted(OmegaConf.missing_keys(cfg.model.net))
+    if missing:
+        raise ConfigError("missing required config value(s): " + ", ".join(f"model.net.{key}" for key in missing))
+    return weights, OmegaConf.to_container(cfg.model.net, resolve=True)
+
+
+def restorer_from_config(cfg: DictConfig) -> Restorer:
+    """The entry points' model: ``cfg.ckpt`` (with ``cfg.model`` for official files), ``cfg.ema``,
+    ``cfg.inference``, ``cfg.device`` and, for diffusion models, ``cfg.seed`` as the starting-noise seed."""
+    weights, net_config = weights_and_architecture(cfg)
+    loaded = load_network(weights, net_config, ema=bool(cfg.get("ema", True)))
+    if cfg.get("seed") is not None and loaded.net.samples_noise:
+        loaded.net.noise_seed = int(cfg.seed)
+    inference = instantiate(cfg.inference)
+    return Restorer(loaded.net, inference, pick_device(cfg.device))

@@ -25,14 +25,13 @@ from rich.progress import track
 from rich.table import Table
 from rich.text import Text
 
-from deblur_diffusion.cli import config_dir, report_errors, require_complete, show, split_datamodule
+from deblur_diffusion.cli import config_dir, report_errors, require_complete, restorer_from_config, show, split_datamodule
 from deblur_diffusion.compare import compare_runs
 from deblur_diffusion.data.datamodule import DeblurDataModule
 from deblur_diffusion.data.io import write_image
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import ConfigError
-from deblur_diffusion.metrics import LPIPS, LPIPSUnavailable
-from deblur_diffusion.pretrained import restorer_from_config
+from deblur_diffusion.metrics import LPIPS, LPIPSUnavailableError
 from deblur_diffusion.protocols import Protocol, get_protocol
 
 IMAGE_CHANNELS = 3
@@ -99,8 +98,12 @@ def markdown(summary: dict, protocol: Protocol, metrics: list[str]) -> str:
     ]
     for group, values in summary.items():
         gain = values["psnr"] - values["input"]["psnr"]
-        lines.append(f"| {group} | {values['images']} | blurry input | " + " | ".join(_formatted(m, values["input"][m]) for m in metrics) + " | |")
-        lines.append(f"| {group} | {values['images']} | restored | " + " | ".join(_formatted(m, values[m]) for m in metrics) + f" | {gain:+.2f} |")
+        lines.append(
+            f"| {group} | {values['images']} | blurry input | " + " | ".join(_formatted(m, values["input"][m]) for m in metrics) + " | |"
+        )
+        lines.append(
+            f"| {group} | {values['images']} | restored | " + " | ".join(_formatted(m, values[m]) for m in metrics) + f" | {gain:+.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -137,7 +140,7 @@ def evaluate(cfg: DictConfig) -> dict:
         try:
             restored_row = protocol.score(scored, target, lpips)
             input_row = protocol.score(blurry[:, :IMAGE_CHANNELS], target, lpips)
-        except LPIPSUnavailable as reason:
+        except LPIPSUnavailableError as reason:
             lpips, lpips_note = None, str(reason)
             restored_row = protocol.score(scored, target, None)
             input_row = protocol.score(blurry[:, :IMAGE_CHANNELS], target, None)
@@ -153,8 +156,12 @@ def evaluate(cfg: DictConfig) -> dict:
     summary = summarise(rows, metrics)
     write_results(output_dir, rows, summary, protocol, metrics, cfg, lpips_note)
     lpips_line = [Text(f"LPIPS not reported: {lpips_note}", style="yellow")] if lpips_note else []
-    show(console, summary_table(summary, protocol, metrics, f"{source.describe()} ({cfg.split})"), *lpips_line,
-         f"Results: {output_dir}/summary.md, summary.json, per_image.csv")
+    show(
+        console,
+        summary_table(summary, protocol, metrics, f"{source.describe()} ({cfg.split})"),
+        *lpips_line,
+        f"Results: {output_dir}/summary.md, summary.json, per_image.csv",
+    )
     if cfg.compare_to:
         show(console, compare_runs(Path(cfg.compare_to), output_dir))
     return summary

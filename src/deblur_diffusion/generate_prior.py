@@ -34,7 +34,8 @@ from deblur_diffusion.data.priors import prior_path, require_fixed_pairs
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.models.compvis_ldm import load_compvis_ldm
 from deblur_diffusion.models.latent_prior import PRIORS, LatentPriorModel
-from deblur_diffusion.pretrained import load_network, pick_device
+from deblur_diffusion.restorer import pick_device
+from deblur_diffusion.weights import load_network
 
 IMAGE_CHANNELS = 3
 PRIOR_BIT_DEPTH = 16
@@ -78,10 +79,7 @@ def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Ten
 def generate_priors(cfg: DictConfig) -> tuple[int, int]:
     """Writes the missing priors; returns (written, skipped)."""
     require_complete(cfg, unused=("model.", *(f"data.{s}." for s in ("train", "val", "test") if cfg.input is not None or s != cfg.split)))
-    if cfg.ldm_config is not None:
-        model = load_compvis_ldm(cfg.ckpt, cfg.ldm_config, use_ema=True)
-    else:
-        model = load_network(cfg.ckpt).net
+    model = load_compvis_ldm(cfg.ckpt, cfg.ldm_config, use_ema=True) if cfg.ldm_config is not None else load_network(cfg.ckpt).net
     if not isinstance(model, LatentPriorModel):
         raise ConfigError(f"{cfg.ckpt} holds a {type(model).__name__}, not a latent diffusion prior (model=ldm_decoder_finetune)")
     if cfg.prior not in PRIORS:
@@ -100,9 +98,7 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
     settings = {"ckpt": str(cfg.ckpt), "prior": model.prior, "steps": int(cfg.steps), "seed": int(cfg.seed), "eta": model.eta}
     previous = {key: manifest.get(key) for key in settings}
     if manifest["priors"] and previous != settings:
-        raise ConfigError(
-            f"{manifest_file} was written with {previous}, not {settings}; use another out folder or delete it"
-        )
+        raise ConfigError(f"{manifest_file} was written with {previous}, not {settings}; use another out folder or delete it")
     manifest.update(settings)
     todo = [index for index in range(len(names)) if not prior_path(folder, names[index]).is_file()]
     for index in set(range(len(names))) - set(todo):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import netrc
 import os
 from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
+
+from deblur_diffusion.errors import ConfigError
 
 _WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -37,6 +40,8 @@ def resolve_wandb_mode(mode: str = "auto") -> str:
 
 def wandb_logger(mode: str = "auto", **kwargs) -> WandbLogger:
     """A Lightning ``WandbLogger`` that works without an account or network (offline mode)."""
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logger=wandb needs wandb, an optional dependency: pip install 'deblur-diffusion[loggers]'")
     resolved = resolve_wandb_mode(mode)
     Path(kwargs.get("save_dir", ".")).mkdir(parents=True, exist_ok=True)
     if resolved == "disabled":

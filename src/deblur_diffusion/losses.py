@@ -114,10 +114,7 @@ class PerceptualLoss(nn.Module):
         predicted = self.extract(prediction)
         with torch.no_grad():
             reference = self.extract(target)
-        return sum(
-            weight * torch.nn.functional.l1_loss(predicted[index], reference[index])
-            for index, weight in self.layer_weights.items()
-        )
+        return sum(weight * torch.nn.functional.l1_loss(predicted[index], reference[index]) for index, weight in self.layer_weights.items())
 
 
 class WeightedSum(nn.Module):

@@ -206,7 +206,7 @@ def align_realblur(restored: np.ndarray, target: np.ndarray) -> tuple[np.ndarray
     return aligned * mask, target * mask, mask
 
 
-class LPIPSUnavailable(DeblurError):
+class LPIPSUnavailableError(DeblurError):
     """LPIPS cannot run (its AlexNet weights are not available offline)."""
 
 
@@ -218,7 +218,7 @@ class LPIPS:
 
     The package ships its linear layers but takes the AlexNet backbone from torchvision's cache
     (``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth``); without it and offline, using the
-    metric raises :class:`LPIPSUnavailable` with that path.
+    metric raises :class:`LPIPSUnavailableError` with that path.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
@@ -228,7 +228,7 @@ class LPIPS:
     def _load(self):
         backbone = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILE
         if not backbone.is_file():
-            raise LPIPSUnavailable(
+            raise LPIPSUnavailableError(
                 f"LPIPS needs torchvision's AlexNet weights at {backbone} (no network here to download them); "
                 f"put {LPIPS_BACKBONE_FILE} there or set TORCH_HOME"
             )

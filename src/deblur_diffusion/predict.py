@@ -18,10 +18,10 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
 
-from deblur_diffusion.cli import config_dir, report_errors, require_complete
+from deblur_diffusion.cli import config_dir, report_errors, require_complete, restorer_from_config
 from deblur_diffusion.data.io import is_image_file, list_images, read_image_raw, write_image
 from deblur_diffusion.errors import ConfigError, DeblurError
-from deblur_diffusion.pretrained import Restorer, restorer_from_config
+from deblur_diffusion.restorer import Restorer
 
 
 def input_files(source: Path) -> list[Path]:

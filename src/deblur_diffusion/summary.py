@@ -58,8 +58,9 @@ def summary_table(model: nn.Module, height: int, width: int, in_channels: int, b
     table.add_column("module")
     table.add_column("parameters", justify="right")
     table.add_column("GMACs", justify="right")
-    released = {name: getattr(network, "RELEASED_PARAMETERS", {}) for name, network in networks.items()}
-    if any(released.values()):
+    # The authors' counts per part of the network (the LDM-BSR's autoencoder and UNet).
+    released = model.inference_net.released_parameters
+    if released:
         table.add_column("released model", justify="right")
     owner_of = {id(module): name for name, module in model.named_modules()}
     total_params = 0
@@ -70,7 +71,7 @@ def summary_table(model: nn.Module, height: int, width: int, in_channels: int, b
         table.add_row(f"[bold]{name}[/] ({type(network).__name__})", f"{params:,}", f"{flops_by_path.get(path, 0) / 2e9:.3f}")
         for child_name, child in network.named_children():
             child_flops = module_flops(flops_by_path, f"{path}.{child_name}")
-            reference = released[name].get(child_name)
+            reference = released.get(child_name)
             extra = [f"{reference:,}"] if reference is not None else []
             table.add_row(f"  {child_name}", f"{count_parameters(child):,}", f"{child_flops / 2e9:.3f}", *extra)
     table.add_section()

@@ -1,8 +1,9 @@
 """Training entry point: ``python -m deblur_diffusion.train [overrides]``.
 
 Composes ``conf/train.yaml``, trains, validates (and tests, where the data has a test split) with
-the final weights (``evaluate_checkpoint=best``: the best monitored checkpoint), prints the metrics of the blurry input against the restored output, and
-returns the monitored metric so that Hydra sweepers can optimise it.
+the final weights (``evaluate_checkpoint=best``: the best monitored checkpoint), prints the metrics
+of the blurry input against the restored output, and returns the monitored metric so that Hydra
+sweepers can optimise it.
 """
 
 from __future__ import annotations
@@ -45,9 +46,7 @@ def metrics_table(title: str, metrics: dict[str, float], prefix: str) -> Table:
         blurry = metrics.get(f"{prefix}/{name}_input")
         if restored is None or blurry is None:
             continue
-        table.add_row(
-            name.upper(), f"{blurry:.{digits}f}{unit}", f"{restored:.{digits}f}{unit}", f"{restored - blurry:+.{digits}f}{unit}"
-        )
+        table.add_row(name.upper(), f"{blurry:.{digits}f}{unit}", f"{restored:.{digits}f}{unit}", f"{restored - blurry:+.{digits}f}{unit}")
     return table
 
 
@@ -59,7 +58,9 @@ def batch_table(datamodule, world_size: int, accumulation: int) -> Table:
     for column in ("from step", "patch", "global batch", "per device", "ranks", "accumulation"):
         table.add_column(column, justify="right")
     for phase, micro in zip(datamodule.schedule.phases, per_device, strict=True):
-        table.add_row(str(phase.start_iteration), str(phase.patch_size), str(phase.batch_size), str(micro), str(world_size), str(accumulation))
+        table.add_row(
+            str(phase.start_iteration), str(phase.patch_size), str(phase.batch_size), str(micro), str(world_size), str(accumulation)
+        )
     return table
 
 

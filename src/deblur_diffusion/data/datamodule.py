@@ -110,8 +110,7 @@ class DeblurDataModule(L.LightningDataModule):
         for split, source in self.sources.items():
             if source is not None and source.in_channels != in_channels:
                 raise ConfigError(
-                    f"data.in_channels={in_channels} but the {split} set provides {source.in_channels} input "
-                    f"channels ({source.describe()})"
+                    f"data.in_channels={in_channels} but the {split} set provides {source.in_channels} input channels ({source.describe()})"
                 )
         self.in_channels = in_channels
         self.dual_pixel = dual_pixel

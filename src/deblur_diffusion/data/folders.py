@@ -45,8 +45,7 @@ def _match_by_stem(inputs: list[Path], targets: list[Path], dataset: str) -> lis
         if only_targets:
             details.append(f"{len(only_targets)} targets without input in {inputs[0].parent}, e.g. {only_targets[:3]}")
         raise PairMismatchError(
-            f"{dataset}: {len(inputs)} inputs and {len(targets)} targets do not pair up by file name: "
-            + "; ".join(details)
+            f"{dataset}: {len(inputs)} inputs and {len(targets)} targets do not pair up by file name: " + "; ".join(details)
         )
     return [(input_by_stem[stem], target_by_stem[stem]) for stem in sorted(target_by_stem)]
 
@@ -111,8 +110,7 @@ class PairedFiles(PairSource):
                 size = image_size(path)
                 if size != expected:
                     raise PairMismatchError(
-                        f"{self.dataset}: input {path} is {size[0]}x{size[1]} but its target {target} is "
-                        f"{expected[0]}x{expected[1]}"
+                        f"{self.dataset}: input {path} is {size[0]}x{size[1]} but its target {target} is {expected[0]}x{expected[1]}"
                     )
 
     def __len__(self) -> int:
@@ -328,7 +326,8 @@ class DPDD(PairedFiles):
             target_dir = root / f"{split}_c" / "target"
             view_dirs = {v: root / f"{split}_{v}" / "source" for v in DPDD_VIEWS}
         layout = "\n".join(
-            [f"  {target_dir}/*.png   (sharp)"] + [f"  {view_dirs[v]}/*.png   ({DPDD_VIEWS[v]} view)" for v in DPDD_VIEWS]
+            [f"  {target_dir}/*.png   (sharp)"]
+            + [f"  {view_dirs[v]}/*.png   ({DPDD_VIEWS[v]} view)" for v in DPDD_VIEWS]
             + [f"or the re-laid {relaid}/{{inputC,inputL,inputR,target}}/*.png"]
         )
         targets = _require_images(target_dir, self.dataset, layout)

@@ -48,9 +48,7 @@ def load_planes_checked(source: PairSource, index: int, rng: np.random.Generator
 
 def _check_layout(source: PairSource, index: int, lq_shape: tuple, lq_channels: list[int], gt_shape: tuple) -> None:
     if lq_shape[:2] != gt_shape[:2]:
-        raise PairMismatchError(
-            f"pair {source.name(index)!r}: input is {lq_shape[0]}x{lq_shape[1]}, target {gt_shape[0]}x{gt_shape[1]}"
-        )
+        raise PairMismatchError(f"pair {source.name(index)!r}: input is {lq_shape[0]}x{lq_shape[1]}, target {gt_shape[0]}x{gt_shape[1]}")
     if sum(lq_channels) != source.in_channels or gt_shape[2] != 3:
         raise PairMismatchError(
             f"pair {source.name(index)!r}: expected {source.in_channels} input and 3 target channels, "

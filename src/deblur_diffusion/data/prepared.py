@@ -155,7 +155,9 @@ def _read_manifest(store: Path) -> dict | None:
     except json.JSONDecodeError as err:
         raise DatasetLayoutError(f"prepared store {store}: {path} is not valid JSON ({err}); delete the folder and prepare again") from err
     if manifest.get("format") != STORE_FORMAT or manifest.get("version") != STORE_VERSION:
-        raise DatasetLayoutError(f"{store} is not a prepared store of this version ({path} says {manifest.get('format')!r} v{manifest.get('version')})")
+        raise DatasetLayoutError(
+            f"{store} is not a prepared store of this version ({path} says {manifest.get('format')!r} v{manifest.get('version')})"
+        )
     return manifest
 
 

@@ -66,8 +66,7 @@ class WithPrior(PairSource):
         prior = read_image_raw(path)
         if prior.shape != planes.target.shape:
             raise PairMismatchError(
-                f"prior {path} is {prior.shape[1]}x{prior.shape[0]} but its pair is "
-                f"{planes.target.shape[1]}x{planes.target.shape[0]}"
+                f"prior {path} is {prior.shape[1]}x{prior.shape[0]} but its pair is {planes.target.shape[1]}x{planes.target.shape[0]}"
             )
         return PairPlanes([*planes.inputs, prior], planes.target)
 

@@ -10,6 +10,7 @@ each rank's micro-batch is ``global / (world_size * accumulation)``.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,7 +41,7 @@ class ProgressiveSchedule:
                 raise ValueError(f"each phase is [start_iteration, patch_size, batch_size], got {list(phase)}")
             parsed.append(Phase(*(int(v) for v in phase)))
         starts = [p.start_iteration for p in parsed]
-        if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        if starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts)):
             raise ValueError(f"phase starts must begin at 0 and increase strictly, got {starts}")
         if any(p.patch_size < 1 or p.batch_size < 1 for p in parsed):
             raise ValueError(f"patch and batch sizes must be positive, got {[list(p) for p in phases]}")
@@ -48,9 +49,7 @@ class ProgressiveSchedule:
         self._starts = starts
 
     @classmethod
-    def from_official(
-        cls, iters: Sequence[int], gt_sizes: Sequence[int], mini_batch_sizes: Sequence[int]
-    ) -> ProgressiveSchedule:
+    def from_official(cls, iters: Sequence[int], gt_sizes: Sequence[int], mini_batch_sizes: Sequence[int]) -> ProgressiveSchedule:
         """From the official option-file fields: iterations per phase, patch sizes, batch sizes."""
         if not len(iters) == len(gt_sizes) == len(mini_batch_sizes):
             raise ValueError("iters, gt_sizes and mini_batch_sizes must have the same length")
@@ -63,7 +62,6 @@ class ProgressiveSchedule:
     @property
     def max_patch_size(self) -> int:
         return max(p.patch_size for p in self.phases)
-
 
     def per_device_batches(self, world_size: int, accumulation: int) -> list[int]:
         """Each phase's micro-batch per rank: global / (world_size x accumulation), which must divide."""
@@ -79,7 +77,7 @@ class ProgressiveSchedule:
     def samples_before(self, step: int) -> int:
         """How many samples (globally) the steps before ``step`` consume."""
         total = 0
-        for phase, following in zip(self.phases, [*self._starts[1:], None]):
+        for phase, following in zip(self.phases, [*self._starts[1:], None], strict=False):
             end = step if following is None else min(step, following)
             total += max(0, end - phase.start_iteration) * phase.batch_size
         return total

@@ -80,6 +80,6 @@ class PairSource(ABC):
         """The file extension a restored image of the pair is saved with."""
         return ".png"
 
-    def verify(self) -> None:
+    def verify(self) -> None:  # noqa: B027 - a hook: most sources have nothing to check
         """Raises a clear error when the source cannot be read; called when its split is first used,
         so that a split the run does not use (``test=false``) may be incomplete."""

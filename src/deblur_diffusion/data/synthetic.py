@@ -51,9 +51,7 @@ def load_photo(name: str) -> np.ndarray:
     return image[:, :, :3].astype(np.float32) / 255.0
 
 
-def dead_leaves(
-    size: int, rng: np.random.Generator, min_radius: float = 2.0, max_radius: float | None = None
-) -> np.ndarray:
+def dead_leaves(size: int, rng: np.random.Generator, min_radius: float = 2.0, max_radius: float | None = None) -> np.ndarray:
     """A dead-leaves image: discs of random colour with density of radii proportional to r^-3."""
     max_radius = max_radius or size / 4
     canvas = np.empty((size, size, 3), dtype=np.uint8)
@@ -64,7 +62,7 @@ def dead_leaves(
     centres = rng.uniform(-max_radius / 2, size + max_radius / 2, size=(count, 2))
     colours = rng.integers(0, 256, size=(count, 3))
     for (x, y), radius, colour in zip(centres, radii, colours, strict=True):
-        cv2.circle(canvas, (int(x), int(y)), max(int(round(radius)), 1), colour.tolist(), -1, cv2.LINE_AA)
+        cv2.circle(canvas, (int(x), int(y)), max(round(radius), 1), colour.tolist(), -1, cv2.LINE_AA)
     return canvas.astype(np.float32) / 255.0
 
 

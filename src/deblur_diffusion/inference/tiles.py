@@ -129,4 +129,3 @@ class Inference:
                     weight[y : y + tile, x : x + tile] += window
                 progress.advance(task, len(chunk))
         return (output / weight)[..., :height, :width].to(image.dtype)
-

@@ -14,6 +14,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from deblur_diffusion.models.interface import RestorationNetwork
+
 
 class TokenLayerNorm(nn.Module):
     """LayerNorm over the last dimension (tokens x channels), with Restormer's two variants.
@@ -133,9 +135,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, channels // 2, kernel_size=3, padding=1, bias=False), nn.PixelUnshuffle(2)
-        )
+        self.body = nn.Sequential(nn.Conv2d(channels, channels // 2, kernel_size=3, padding=1, bias=False), nn.PixelUnshuffle(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -146,9 +146,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, channels * 2, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
-        )
+        self.body = nn.Sequential(nn.Conv2d(channels, channels * 2, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -173,7 +171,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tu
     return pad_bottom_right(x, (-height) % multiple, (-width) % multiple, mode), (height, width)
 
 
-class FourLevelUNet(nn.Module):
+class FourLevelUNet(RestorationNetwork):
     """The 4-level encoder-decoder that Restormer and Swintormer share (official attribute names).
 
     Channels double and resolution halves at each level. The decoder concatenates the encoder

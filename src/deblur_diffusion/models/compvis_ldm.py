@@ -79,15 +79,21 @@ def unet_from_ldm(params: dict) -> tuple[UNet2DModel, dict]:
     """An empty ``UNet2DModel`` with the architecture of ``unet_config.params`` and the layout
     facts the weight conversion needs."""
     p = params
-    for key, default in (("use_scale_shift_norm", False), ("resblock_updown", False), ("use_spatial_transformer", False),
-                         ("num_classes", None), ("dims", 2), ("conv_resample", True)):
+    for key, default in (
+        ("use_scale_shift_norm", False),
+        ("resblock_updown", False),
+        ("use_spatial_transformer", False),
+        ("num_classes", None),
+        ("dims", 2),
+        ("conv_resample", True),
+    ):
         _require(p.get(key, default) == default, f"{key}={p.get(key)}")
     levels = len(p["channel_mult"])
     channels = [p["model_channels"] * m for m in p["channel_mult"]]
     attention = [2**level in set(p["attention_resolutions"]) for level in range(levels)]
     head_channels = p.get("num_head_channels", -1)
     if head_channels == -1:
-        widths = {c // p["num_heads"] for c, a in zip(channels, attention) if a} | {channels[-1] // p["num_heads"]}
+        widths = {c // p["num_heads"] for c, a in zip(channels, attention, strict=False) if a} | {channels[-1] // p["num_heads"]}
         _require(len(widths) == 1, "num_heads with different head widths per level")
         head_channels = widths.pop()
     heads_upsample = p.get("num_heads_upsample", -1)
@@ -110,8 +116,7 @@ def unet_from_ldm(params: dict) -> tuple[UNet2DModel, dict]:
         add_attention=True,
         act_fn="silu",
     )
-    layout = dict(levels=levels, blocks=p["num_res_blocks"], attention=attention,
-                  new_order=p.get("use_new_attention_order", False))
+    layout = dict(levels=levels, blocks=p["num_res_blocks"], attention=attention, new_order=p.get("use_new_attention_order", False))
     return unet, layout
 
 
@@ -132,8 +137,14 @@ def _attention(prefix: str, target: str, state: dict, heads: int, new_order: boo
     return out
 
 
-RES_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+RES_NAMES = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
 
 
 def _resblock(prefix: str, target: str, state: dict) -> dict:
@@ -150,8 +161,13 @@ def convert_unet(state: dict[str, torch.Tensor], layout: dict, heads: dict[str, 
     ``heads`` maps each diffusers attention module name to its number of heads."""
     levels, blocks, attention, new_order = layout["levels"], layout["blocks"], layout["attention"], layout["new_order"]
     out = {}
-    plain = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+    plain = {
+        "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2",
+        "input_blocks.0.0": "conv_in",
+        "out.0": "conv_norm_out",
+        "out.2": "conv_out",
+    }
     for source, target in plain.items():
         for param in ("weight", "bias"):
             out[f"{target}.{param}"] = state[f"{source}.{param}"]
@@ -254,8 +270,10 @@ def load_compvis_ldm(checkpoint: str | Path, config: str | Path, use_ema: bool =
     the UNet takes the ``model_ema.*`` weights (what the official sampling runs with) unless
     ``use_ema=False`` or the checkpoint has none."""
     params = read_ldm_config(config)
-    _require(params.get("conditioning_key", "concat" if params.get("concat_mode", True) else "crossattn") == "concat",
-             "conditioning other than concat")
+    _require(
+        params.get("conditioning_key", "concat" if params.get("concat_mode", True) else "crossattn") == "concat",
+        "conditioning other than concat",
+    )
     _require(params.get("parameterization", "eps") == "eps", "x0 parameterization")
     _require(str(params["first_stage_config"]["target"]).endswith("VQModelInterface"), "a first stage other than VQModelInterface")
     state = read_ldm_checkpoint(checkpoint)

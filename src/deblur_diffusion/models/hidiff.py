@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from deblur_diffusion.models.blocks import (
     layer_norm_has_bias,
     pad_to_multiple,
 )
+from deblur_diffusion.models.interface import RestorationNetwork
 
 IMAGE_CHANNELS = 3
 PRIOR_EXPANSION = 4
@@ -64,12 +66,8 @@ class TokenMixer(nn.Module):
         super().__init__()
         patch_hidden = int(patch_expansion * num_patches)
         channel_hidden = int(channel_expansion * embed_dims)
-        self.patch_mixer = nn.Sequential(
-            nn.Linear(num_patches, patch_hidden), nn.GELU(), nn.Linear(patch_hidden, num_patches)
-        )
-        self.channel_mixer = nn.Sequential(
-            nn.Linear(embed_dims, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, embed_dims)
-        )
+        self.patch_mixer = nn.Sequential(nn.Linear(num_patches, patch_hidden), nn.GELU(), nn.Linear(patch_hidden, num_patches))
+        self.channel_mixer = nn.Sequential(nn.Linear(embed_dims, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, embed_dims))
         self.norm1 = nn.LayerNorm(embed_dims)
         self.norm2 = nn.LayerNorm(embed_dims)
 
@@ -141,7 +139,9 @@ class LatentEncoder(nn.Module):
     def forward(self, blurry: torch.Tensor, sharp: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, H, W) blurry [and sharp for stage 1] -> (B, group**2, 4 * embed_dim)."""
         if (sharp is None) != (self.stage == 2):
-            raise ValueError(f"a stage-{self.stage} LatentEncoder needs {'blurry and sharp' if self.stage == 1 else 'the blurry image only'}")
+            raise ValueError(
+                f"a stage-{self.stage} LatentEncoder needs {'blurry and sharp' if self.stage == 1 else 'the blurry image only'}"
+            )
         x = blurry if sharp is None else torch.cat([sharp, blurry], dim=1)
         x, _ = pad_to_multiple(x, LATENT_ENCODER_SCALE)
         x = self.conv1(self.pixel_unshuffle(x))
@@ -172,10 +172,7 @@ class HIM(nn.Module):
         height, width = x.shape[-2:]
         tokens = rearrange(x, "b c h w -> b (h w) c")
         q = rearrange(self.q(self.norm1(tokens)), "b n (head c) -> b head n c", head=self.num_heads)
-        k, v = (
-            rearrange(t, "b n (head c) -> b head n c", head=self.num_heads)
-            for t in self.kv(self.norm2(prior)).chunk(2, dim=-1)
-        )
+        k, v = (rearrange(t, "b n (head c) -> b head n c", head=self.num_heads) for t in self.kv(self.norm2(prior)).chunk(2, dim=-1))
         attended = rearrange(F.scaled_dot_product_attention(q, k, v), "b head n c -> b n (head c)")
         return rearrange(tokens + self.proj(attended), "b (h w) c -> b c h w", h=height, w=width)
 
@@ -263,6 +260,8 @@ class PriorGuidedRestormer(FourLevelUNet):
     ``checkpoint_levels`` (level names) recompute those levels' activations in the backward pass.
     """
 
+    official_files: ClassVar[dict[str, str]] = {"": "net_g"}
+
     def __init__(
         self,
         inp_channels: int = 3,
@@ -273,7 +272,7 @@ class PriorGuidedRestormer(FourLevelUNet):
         heads: Sequence[int] = (1, 2, 4, 8),
         ffn_expansion_factor: float = 2.66,
         bias: bool = False,
-        LayerNorm_type: str = "WithBias",  # noqa: N803 - official argument name
+        LayerNorm_type: str = "WithBias",
         dual_pixel_task: bool = False,
         embed_dim: int = 64,
         group: int = 4,
@@ -283,7 +282,7 @@ class PriorGuidedRestormer(FourLevelUNet):
         super().__init__()
         if group < 2 or group % 2:
             raise ValueError(f"group (the side of the prior's token grid) must be even and >= 2, got {group}")
-        self.inp_channels = inp_channels
+        self.input_channels = inp_channels
         self.out_channels = out_channels
         self.dual_pixel_task = dual_pixel_task
         self.multi_scale_prior = multi_scale_prior
@@ -308,9 +307,7 @@ class PriorGuidedRestormer(FourLevelUNet):
             )
 
         self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
-        self.build_levels(
-            stage, dim, num_blocks, num_refinement_blocks, heads, bias, latent_stage if multi_scale_prior else None
-        )
+        self.build_levels(stage, dim, num_blocks, num_refinement_blocks, heads, bias, latent_stage if multi_scale_prior else None)
         if dual_pixel_task:
             self.skip_conv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=bias)
         self.output = nn.Conv2d(dim * 2, out_channels, kernel_size=3, padding=1, bias=bias)
@@ -334,18 +331,15 @@ class PriorGuidedRestormer(FourLevelUNet):
         return {**dict.fromkeys(z1_levels, prior), **dict.fromkeys(z2_levels, z2), "latent": z3}
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.inp_channels:
-            raise ValueError(f"PriorGuidedRestormer expects a (B, {self.inp_channels}, H, W) image, got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.input_channels:
+            raise ValueError(f"PriorGuidedRestormer expects a (B, {self.input_channels}, H, W) image, got {tuple(x.shape)}")
         expected = (x.shape[0], self.num_tokens, self.prior_dim)
         if tuple(prior.shape) != expected:
             raise ValueError(f"PriorGuidedRestormer expects a prior of shape {expected}, got {tuple(prior.shape)}")
         padded, (height, width) = pad_to_multiple(x, SIZE_MULTIPLE)
         stem = self.patch_embed(padded)
         refined = self.encode_decode(stem, self.level_priors(prior))
-        if self.dual_pixel_task:
-            out = self.output(refined + self.skip_conv(stem))
-        else:
-            out = self.output(refined) + padded[:, : self.out_channels]
+        out = self.output(refined + self.skip_conv(stem)) if self.dual_pixel_task else self.output(refined) + padded[:, : self.out_channels]
         return out[..., :height, :width]
 
 
@@ -508,9 +502,7 @@ class PriorDiffusion(nn.Module):
             z0 = self.sqrt_recip_alphas_cumprod[step] * z_t - self.sqrt_recipm1_alphas_cumprod[step] * model_output
         return z0.clamp(-1.0, 1.0) if self.clip_x0 else z0
 
-    def reverse(
-        self, denoiser: nn.Module, condition: torch.Tensor, z_t: torch.Tensor, trajectory: list | None = None
-    ) -> torch.Tensor:
+    def reverse(self, denoiser: nn.Module, condition: torch.Tensor, z_t: torch.Tensor, trajectory: list | None = None) -> torch.Tensor:
         """Runs the T reverse steps from ``z_t`` (= z_T); differentiable. When ``trajectory`` is a
         list, z_T and each step's result are appended to it (for plots of the reverse process).
 
@@ -534,17 +526,21 @@ class PriorDiffusion(nn.Module):
         return z_t
 
 
-class HIDiffStageOneNet(nn.Module):
+class HIDiffStageOneNet(RestorationNetwork):
     """Stage one: the transformer guided by LE(sharp, blurry).
 
     Its input is the blurry image with the sharp one concatenated after it, (B, 6, H, W), so that
     whole-image and tiled inference cut both alike.
     """
 
+    needs_sharp_input = True
+    official_files: ClassVar[dict[str, str]] = {"transformer": "net_g", "latent_encoder": "net_le"}
+
     def __init__(self, transformer: PriorGuidedRestormer, latent_encoder: LatentEncoder):
         super().__init__()
         self.transformer = transformer
         self.latent_encoder = latent_encoder
+        self.input_channels = transformer.input_channels
 
     def forward(self, blurry_and_sharp: torch.Tensor) -> torch.Tensor:
         blurry, sharp = blurry_and_sharp.split(IMAGE_CHANNELS, dim=1)
@@ -554,7 +550,7 @@ class HIDiffStageOneNet(nn.Module):
         return restored[..., :height, :width]
 
 
-class HIDiff(nn.Module):
+class HIDiff(RestorationNetwork):
     """Stage two and inference: LE_DM(blurry) conditions the reverse chain, whose prior guides the
     transformer.
 
@@ -565,6 +561,9 @@ class HIDiff(nn.Module):
             devices; ``None`` draws fresh noise per image from the global generator (official).
     """
 
+    official_files: ClassVar[dict[str, str]] = {"transformer": "net_g", "condition_encoder": "net_le_dm", "denoiser": "net_d"}
+    samples_noise = True
+
     def __init__(
         self,
         transformer: PriorGuidedRestormer,
@@ -574,6 +573,7 @@ class HIDiff(nn.Module):
         noise_seed: int | None = 0,
     ):
         super().__init__()
+        self.input_channels = transformer.input_channels
         if condition_encoder.stage != 2:
             raise ValueError("HI-Diff's condition encoder (LE_DM) must be a stage-2 LatentEncoder (blurry input only)")
         self.transformer = transformer

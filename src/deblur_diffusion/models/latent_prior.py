@@ -23,6 +23,7 @@ Two priors (``prior``):
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from einops import repeat
 from torch import nn
 
 from deblur_diffusion.models.blocks import pad_to_multiple
+from deblur_diffusion.models.interface import RestorationNetwork
 
 IMAGE_CHANNELS = 3
 PRIORS = ("official", "paper_decoder")
@@ -46,10 +48,10 @@ def to_image_range(values: torch.Tensor) -> torch.Tensor:
     return (values + 1) / 2
 
 
-class LatentPriorModel(nn.Module):
+class LatentPriorModel(RestorationNetwork):
     """VQ autoencoder + conditional UNet + their noise schedule.
 
-    ``RELEASED_PARAMETERS``: the parameter counts of the released LDM-BSR model (``model_ema`` UNet
+    ``released_parameters``: the parameter counts of the released LDM-BSR model (``model_ema`` UNet
     and VQ first stage of ``ldm/bsr_sr/model.ckpt``), which ``model/ldm_net=official`` reproduces.
 
     Args:
@@ -70,7 +72,8 @@ class LatentPriorModel(nn.Module):
         condition_multiple: the official prior pads the condition to a multiple of this (128).
     """
 
-    RELEASED_PARAMETERS = {"autoencoder": 55_322_782, "unet": 113_622_563}
+    samples_noise = True
+    released_parameters: ClassVar[dict[str, int]] = {"autoencoder": 55_322_782, "unet": 113_622_563}
 
     def __init__(
         self,
@@ -98,9 +101,7 @@ class LatentPriorModel(nn.Module):
             )
         self.autoencoder = autoencoder
         self.unet = unet
-        schedule = dict(
-            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule
-        )
+        schedule = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule)
         self.training_schedule = DDPMScheduler(**schedule, clip_sample=False)
         self.sampler = DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         self.sampling_steps = sampling_steps
@@ -276,7 +277,7 @@ class LatentPriorModel(nn.Module):
         return self.generate(blurry, steps).clamp(0.0, 1.0)
 
 
-class PriorFusedNet(nn.Module):
+class PriorFusedNet(RestorationNetwork):
     """A restoration network fed with the image and its diffusion prior, computed on the fly by a
     frozen :class:`LatentPriorModel` (the "online" mode, for datasets too small to precompute).
 
@@ -288,10 +289,7 @@ class PriorFusedNet(nn.Module):
         super().__init__()
         self.prior = prior.requires_grad_(False)
         self.net = net
-
-    @property
-    def inp_channels(self) -> int:
-        return self.net.inp_channels - IMAGE_CHANNELS
+        self.input_channels = net.input_channels - IMAGE_CHANNELS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -12,6 +12,7 @@ adds a 1x1 skip from the stem to the refined features and predicts the sharp ima
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -33,6 +34,8 @@ class Restormer(FourLevelUNet):
     those levels' activations in the backward pass to save memory.
     """
 
+    official_files: ClassVar[dict[str, str]] = {"": "net_g"}
+
     size_multiple = 2 ** (FourLevelUNet.LEVELS - 1)
 
     def __init__(
@@ -45,7 +48,7 @@ class Restormer(FourLevelUNet):
         heads: Sequence[int] = (1, 2, 4, 8),
         ffn_expansion_factor: float = 2.66,
         bias: bool = False,
-        LayerNorm_type: str = "WithBias",  # noqa: N803 - official argument name, kept for config parity
+        LayerNorm_type: str = "WithBias",
         dual_pixel_task: bool = False,
         checkpoint_levels: Sequence[str] = (),
     ):
@@ -55,16 +58,14 @@ class Restormer(FourLevelUNet):
                 f"inp_channels={inp_channels} < out_channels={out_channels}: the residual is taken from the "
                 "first out_channels input channels"
             )
-        self.inp_channels = inp_channels
+        self.input_channels = inp_channels
         self.out_channels = out_channels
         self.dual_pixel_task = dual_pixel_task
         self.set_checkpoint_levels(checkpoint_levels)
         ln_bias = layer_norm_has_bias(LayerNorm_type)
 
         def stage(width: int, n_heads: int, depth: int) -> nn.Sequential:
-            return nn.Sequential(
-                *(TransformerBlock(width, n_heads, ffn_expansion_factor, bias, ln_bias) for _ in range(depth))
-            )
+            return nn.Sequential(*(TransformerBlock(width, n_heads, ffn_expansion_factor, bias, ln_bias) for _ in range(depth)))
 
         self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
         self.build_levels(stage, dim, num_blocks, num_refinement_blocks, heads, bias)
@@ -73,15 +74,12 @@ class Restormer(FourLevelUNet):
         self.output = nn.Conv2d(dim * 2, out_channels, kernel_size=3, padding=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.inp_channels:
-            raise ValueError(f"Restormer expects a (B, {self.inp_channels}, H, W) tensor, got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.input_channels:
+            raise ValueError(f"Restormer expects a (B, {self.input_channels}, H, W) tensor, got {tuple(x.shape)}")
         padded, (height, width) = pad_to_multiple(x, self.size_multiple)
 
         stem = self.patch_embed(padded)
         refined = self.encode_decode(stem)
 
-        if self.dual_pixel_task:
-            out = self.output(refined + self.skip_conv(stem))
-        else:
-            out = self.output(refined) + padded[:, : self.out_channels]
+        out = self.output(refined + self.skip_conv(stem)) if self.dual_pixel_task else self.output(refined) + padded[:, : self.out_channels]
         return out[..., :height, :width]

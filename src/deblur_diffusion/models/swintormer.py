@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -172,10 +173,7 @@ class MixedWindowAttention(nn.Module):
         return softmax_one(scores) @ v
 
     def spatial_attention(self, qkv: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
-        q, k, v = (
-            rearrange(t, "(b n) (head c) h w -> b n head (h w) c", b=batch, head=self.num_heads)
-            for t in qkv.chunk(3, dim=1)
-        )
+        q, k, v = (rearrange(t, "(b n) (head c) h w -> b n head (h w) c", b=batch, head=self.num_heads) for t in qkv.chunk(3, dim=1))
         scale = torch.clamp(self.logit_scale, max=_MAX_LOGIT_SCALE).exp()
         # Normalised and scaled in one pass over q.
         q = q * (scale / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(_NORMALIZE_EPS))
@@ -200,9 +198,7 @@ class MixedWindowAttention(nn.Module):
         # The depthwise conv over many small windows runs about twice as fast channels-last (oneDNN).
         qkv = self.qkv(windows).contiguous(memory_format=torch.channels_last)
         spatial_qkv, channel_qkv = self.qkv_dwconv(qkv).split(channels * 3 // 2, dim=1)
-        mixed = torch.cat(
-            [self.spatial_attention(spatial_qkv, batch, height, width), self.channel_attention(channel_qkv)], dim=1
-        )
+        mixed = torch.cat([self.spatial_attention(spatial_qkv, batch, height, width), self.channel_attention(channel_qkv)], dim=1)
         out = window_merge(self.project_out(mixed), self.window_size, height, width)
         if self.shift_size > 0:
             out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(2, 3))
@@ -282,6 +278,8 @@ class Swintormer(FourLevelUNet):
             (``"official"``: every level but the first, as the official code does).
     """
 
+    official_files: ClassVar[dict[str, str]] = {"": "net_g"}
+
     def __init__(
         self,
         inp_channels: int = 6,
@@ -292,7 +290,7 @@ class Swintormer(FourLevelUNet):
         ffn_expansion_factor: float = 2.66,
         bias: bool = False,
         window_size: int = 16,
-        LayerNorm_type: str = "WithBias",  # noqa: N803 - official argument; the official code ignores it too
+        LayerNorm_type: str = "WithBias",
         attention_softmax: str = "softmax_one",
         checkpoint_levels: Sequence[str] | str = (),
     ):
@@ -303,7 +301,7 @@ class Swintormer(FourLevelUNet):
             raise ValueError(f"window_size must be at least 2, got {window_size}")
         if checkpoint_levels == "official":
             checkpoint_levels = OFFICIAL_CHECKPOINTED_LEVELS
-        self.inp_channels = inp_channels
+        self.input_channels = inp_channels
         self.window_size = window_size
         self.set_checkpoint_levels(checkpoint_levels)
         self.size_multiple = 2**self.LEVELS * window_size
@@ -329,13 +327,11 @@ class Swintormer(FourLevelUNet):
         self.skip_conv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=bias)
         self.apply(_init_weights)
         # Created after the initialisation, as in the official code: the head keeps PyTorch's default.
-        self.output = nn.Sequential(
-            nn.Conv2d(dim * 2, IMAGE_CHANNELS * 4, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
-        )
+        self.output = nn.Sequential(nn.Conv2d(dim * 2, IMAGE_CHANNELS * 4, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.inp_channels:
-            raise ValueError(f"Swintormer expects a (B, {self.inp_channels}, H, W) tensor, got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.input_channels:
+            raise ValueError(f"Swintormer expects a (B, {self.input_channels}, H, W) tensor, got {tuple(x.shape)}")
         padded, (height, width) = pad_to_multiple(2 * x - 1, self.size_multiple)
 
         stem = self.patch_embed(padded)

@@ -75,7 +75,6 @@ class RegressionStage(L.LightningModule):
         ``forward`` is never called would compile nothing that trains)."""
         return [net]
 
-
     def __init__(
         self,
         net: nn.Module,

@@ -1,0 +1,131 @@
+"""Reading a trained network from any file it comes in, and writing the official release format.
+
+Three kinds of weights load through :func:`load_network`:
+
+* a Lightning checkpoint of this project (``.ckpt``): the network's config travels inside it; the
+  EMA weights are used when the run kept them (``ema=False``: the raw weights);
+* an export folder of ``python -m deblur_diffusion.export`` (``model.safetensors`` + ``config.yaml``);
+* the official release files (``.pth`` holding ``{'params': ...}``), which carry no config: pass the
+  network's config (e.g. the ``net`` node of ``conf/model/restormer.yaml``). Models made of several
+  files (HI-Diff: ``net_g``, ``net_le_dm``, ``net_d``) take a mapping from the network's part to its
+  file, e.g. ``{transformer: net_g.pth, condition_encoder: net_le_dm.pth, denoiser: net_d.pth}``.
+
+:func:`save_official` writes a network in that release format (the files its ``official_files`` names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+from torch import nn
+
+from deblur_diffusion.checkpoints import CheckpointError, load_weights, official_state_dict, read_checkpoint
+from deblur_diffusion.models.interface import RestorationNetwork
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.yaml"
+
+
+@dataclass
+class LoadedNetwork:
+    """A network ready for inference, with the config that builds it."""
+
+    net: nn.Module
+    net_config: dict
+    inference_config: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def _as_dict(config) -> dict:
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config)
+
+
+def _build(net_config: Mapping, source: str) -> nn.Module:
+    if "_target_" not in net_config:
+        raise CheckpointError(f"{source}: the network config has no _target_ (got keys {sorted(net_config)})")
+    return instantiate(OmegaConf.create(dict(net_config)), _convert_="all")
+
+
+def _lightning_network(path: Path, ema: bool) -> LoadedNetwork:
+    checkpoint = read_checkpoint(path)
+    config = checkpoint.get("deblur_diffusion_config")
+    if "state_dict" not in checkpoint or not config:
+        raise CheckpointError(f"{path} is not a checkpoint written by deblur_diffusion.train (no saved config)")
+    net_config = config["model"]["net"]
+    net = _build(net_config, str(path))
+    state = checkpoint["state_dict"]
+    prefix = "ema.module." if ema and any(key.startswith("ema.module.") for key in state) else "net."
+    weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    load_weights(net, weights, f"{path} ({prefix[:-1]})")
+    return LoadedNetwork(net, net_config, config.get("inference", {}), str(path))
+
+
+def _exported_network(path: Path) -> LoadedNetwork:
+    folder = path if path.is_dir() else path.parent
+    weights, config_file = folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG
+    for required in (weights, config_file):
+        if not required.is_file():
+            raise CheckpointError(f"{folder} is not an export folder: {required.name} is missing")
+    config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    net = _build(config["net"], str(config_file))
+    load_weights(net, load_file(weights), str(weights))
+    return LoadedNetwork(net, config["net"], config.get("inference", {}), str(folder))
+
+
+def _official_network(files: str | Path | Mapping[str, str], net_config: Mapping | None, ema: bool) -> LoadedNetwork:
+    source = str(dict(files)) if isinstance(files, Mapping) else str(files)
+    if net_config is None:
+        raise CheckpointError(
+            f"{source}: official weights carry no architecture; give the network's config "
+            "(on the command line: model=restormer|swintormer|hidiff_s2 and data=... for the channels)"
+        )
+    net = _build(net_config, source)
+    if isinstance(files, Mapping):
+        for part, file in files.items():
+            module = net.get_submodule(part) if part else net
+            load_weights(module, official_state_dict(file, ema), f"{file} (as {part})")
+    else:
+        load_weights(net, official_state_dict(files, ema), str(files))
+    return LoadedNetwork(net, _as_dict(net_config), {}, source)
+
+
+def load_network(weights: str | Path | Mapping[str, str], net_config: Mapping | None = None, ema: bool = True) -> LoadedNetwork:
+    """The network stored in ``weights`` (see the module docstring for the accepted kinds); the EMA
+    weights where the file holds them, unless ``ema=False`` (the released Swintormer test scores the
+    raw ``params``)."""
+    if isinstance(weights, Mapping):
+        return _official_network(weights, net_config, ema)
+    path = Path(weights)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return _exported_network(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".ckpt":
+        return _lightning_network(path, ema)
+    return _official_network(path, net_config, ema)
+
+
+def save_official(net: RestorationNetwork, out: str | Path) -> list[Path]:
+    """Writes ``net`` as the authors release it: one ``{'params': state_dict}`` ``.pth`` per part
+    named by ``net.official_files`` (``net_g.pth``; HI-Diff also ``net_le.pth`` or ``net_le_dm.pth``
+    and ``net_d.pth``), readable by the official test scripts and by :func:`load_network`."""
+    if not net.official_files:
+        raise CheckpointError(f"{type(net).__name__} has no official release format (its authors release other files)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for part, stem in net.official_files.items():
+        module = net.get_submodule(part) if part else net
+        state = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+        path = out / f"{stem}.pth"
+        torch.save({"params": state}, path)
+        written.append(path)
+    return written
