@@ -271,6 +271,7 @@ def test_the_online_prior_loads_the_released_checkpoint(ldm_sr):
         prior_ckpt=str(folder / "model.ckpt"),
         prior_ldm_config=str(folder / "config.yaml"),
     )
+    stage.warm_start()
     eps = stage.net.prior.predict_noise(inputs["x_t"], inputs["t"], inputs["condition"])
     assert max_error(eps, outputs["eps_ema"]) < NETWORK_TOLERANCE
     assert max_error(stage.net.prior.alphas_cumprod, outputs["alphas_cumprod"]) == 0

@@ -80,6 +80,7 @@ def test_official_stage_one_files_initialise_stage_two(parity_dir):
         torch.optim.AdamW,
         stage1_ckpt={"transformer": str(parity_dir / "hidiff" / "net_g.pth"), "latent_encoder": str(parity_dir / "hidiff" / "net_le.pth")},
     )
+    stage.warm_start()
     for name, value in parts["net_g"].state_dict().items():
         assert torch.equal(stage.net.transformer.state_dict()[name], value)
     for name, value in parts["net_le"].state_dict().items():
@@ -325,7 +326,7 @@ def test_stage_two_rejects_a_stage_one_checkpoint_of_another_size(tmp_path):
     other = HIDiffStageOneNet(PriorGuidedRestormer(**{**TINY_TRANSFORMER, "dim": 16}), LatentEncoder(embed_dim=8, block_num=1))
     torch.save({"state_dict": {f"net.{k}": v for k, v in other.state_dict().items()}}, tmp_path / "s1.ckpt")
     with pytest.raises(CheckpointError, match=r"s1\.ckpt \(net\.transformer\) does not fit .*wrong shape"):
-        tiny_stage_two(stage1_ckpt=str(tmp_path / "s1.ckpt"))
+        tiny_stage_two(stage1_ckpt=str(tmp_path / "s1.ckpt")).warm_start()
 
 
 TINY_HIDIFF = [
@@ -368,6 +369,11 @@ def test_both_stages_train_through_the_cli_stage_two_from_stage_one(tmp_path):
     stage_one_weights = torch.load(stage_one, weights_only=True)["state_dict"]
     le_keys = [k for k in stage_one_weights if k.startswith("net.latent_encoder.")]
     assert le_keys and all(torch.equal(stage_two[k.replace("net.", "", 1)], stage_one_weights[k]) for k in le_keys)
+
+    # Resuming reads every weight from the run's own checkpoint, not from stage one's (gone here).
+    stage_one.rename(tmp_path / "moved.ckpt")
+    resumed = run_cli("train", *second.args[3:], f"ckpt_path={tmp_path}/s2/checkpoints/last.ckpt", "trainer.max_steps=6", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
 @pytest.mark.slow

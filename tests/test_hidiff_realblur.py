@@ -117,6 +117,7 @@ def test_realblur_stage_two_losses_match_the_official_ones(realblur, monkeypatch
         torch.optim.AdamW,
         stage1_ckpt={"transformer": str(folder / "net_g.pth"), "latent_encoder": str(folder / "net_le.pth")},
     )
+    stage.warm_start()
     # The stage draws eps with torch.randn_like; feed it the recorded draw.
     monkeypatch.setattr(torch, "randn_like", lambda like, **_: inputs["noise_train"].clone())
     losses = stage.training_losses({"lq": inputs["lq"], "gt": inputs["gt"]})

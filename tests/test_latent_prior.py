@@ -153,11 +153,12 @@ def test_a_diffusers_folder_initialises_the_model(tmp_path):
     stage = LatentDiffusionStage(
         LatentPriorModel(*tiny_parts()), torch.nn.L1Loss(), torch.optim.AdamW, pretrained_dir=str(tmp_path / "ldm")
     )
+    stage.warm_start()
     for part in ("autoencoder", "unet"):
         expected = source.get_submodule(part).state_dict()
         assert all(torch.equal(value, expected[key]) for key, value in stage.net.get_submodule(part).state_dict().items())
     with pytest.raises(CheckpointError, match=r"no diffusers-format LDM weights in .*missing: expected .*vqvae"):
-        LatentDiffusionStage(tiny_model(), torch.nn.L1Loss(), torch.optim.AdamW, pretrained_dir=str(tmp_path / "missing"))
+        LatentDiffusionStage(tiny_model(), torch.nn.L1Loss(), torch.optim.AdamW, pretrained_dir=str(tmp_path / "missing")).warm_start()
 
 
 def test_online_prior_is_frozen_and_feeds_six_channels():

@@ -83,6 +83,8 @@ def train(cfg: DictConfig) -> float | None:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    if not cfg.get("ckpt_path"):
+        model.warm_start()
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))

@@ -15,7 +15,7 @@ Three kinds of weights load through :func:`load_network`:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 
-from deblur_diffusion.checkpoints import CheckpointError, load_weights, official_state_dict, read_checkpoint
+from deblur_diffusion.checkpoints import CheckpointError, lightning_weights, load_weights, official_state_dict, read_checkpoint
 from deblur_diffusion.models.interface import RestorationNetwork
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -129,3 +129,58 @@ def save_official(net: RestorationNetwork, out: str | Path) -> list[Path]:
         torch.save({"params": state}, path)
         written.append(path)
     return written
+
+
+@dataclass(frozen=True)
+class PartWeights:
+    """Weights to start one part of a training stage from.
+
+    Attributes:
+        part: the submodule of the stage (``net.transformer``, ``latent_encoder``, ``net.prior``...).
+        file: a Lightning checkpoint of this package (``.ckpt``: the weights under ``key``, from its
+            EMA copy when the run kept one), an official release file (``.pth``), a diffusers LDM
+            folder (``key``: its ``vqvae`` or ``unet`` subfolder), or with ``compvis_config`` the
+            CompVis ``model.ckpt`` of the released LDM-BSR (its EMA weights and noise schedule).
+        key: see ``file``.
+        compvis_config: the CompVis ``config.yaml`` that goes with ``file``.
+    """
+
+    part: str
+    file: str
+    key: str = ""
+    compvis_config: str | None = None
+
+
+def warm_start(stage: nn.Module, sources: Sequence[PartWeights]) -> None:
+    """Loads each source into its part of ``stage``; every mismatch is named with the file."""
+    for source in sources:
+        module = stage.get_submodule(source.part)
+        label = f"{source.file} ({source.key or 'as ' + source.part})"
+        if source.compvis_config is not None:
+            from deblur_diffusion.models.compvis_ldm import load_compvis_ldm
+
+            released = load_compvis_ldm(source.file, source.compvis_config, use_ema=True)
+            load_weights(module, released.state_dict(), label)
+            module.alphas_cumprod.copy_(released.alphas_cumprod)
+        elif Path(source.file).is_dir() or not Path(source.file).suffix:  # a (diffusers) folder
+            load_weights(module, _diffusers_weights(Path(source.file), source.key), label)
+        elif Path(source.file).suffix == ".ckpt":
+            load_weights(module, lightning_weights(source.file, source.key), label)
+        else:
+            load_weights(module, official_state_dict(source.file), label)
+
+
+def _diffusers_weights(folder: Path, subfolder: str) -> dict[str, torch.Tensor]:
+    """The weights of a diffusers LDM folder's ``vqvae`` or ``unet`` (as the LDM super-resolution
+    release ``CompVis/ldm-super-resolution-4x-openimages``)."""
+    from diffusers import UNet2DModel, VQModel
+
+    if not (folder / subfolder / "config.json").is_file():
+        raise CheckpointError(
+            f"no diffusers-format LDM weights in {folder}: expected {folder}/{{vqvae,unet}}/{{config.json, "
+            "diffusion_pytorch_model.safetensors}}. Download CompVis/ldm-super-resolution-4x-openimages (git clone of its "
+            "Hugging Face repository) on a machine with internet and copy the folder here. An original CompVis model.ckpt "
+            "+ config.yaml loads directly with deblur_diffusion.models.load_compvis_ldm (generate_prior ldm_config=...)."
+        )
+    model_class = {"vqvae": VQModel, "unet": UNet2DModel}[subfolder]
+    return model_class.from_pretrained(folder, subfolder=subfolder).state_dict()

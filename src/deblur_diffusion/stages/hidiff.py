@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
 
-from deblur_diffusion.checkpoints import lightning_weights, load_weights, official_state_dict
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.models.hidiff import HIDiff, HIDiffStageOneNet, LatentEncoder
 from deblur_diffusion.stages.regression import RegressionStage
+from deblur_diffusion.weights import PartWeights
 
 PRIOR_SCOPES = ("tile", "image")
 
@@ -85,10 +85,10 @@ class HIDiffStageTwo(RegressionStage):
             raise ValueError(f"prior_scope must be one of {PRIOR_SCOPES}, got {prior_scope!r}")
         if latent_encoder.stage != 1:
             raise ValueError("stage two's target prior comes from stage one's LE: latent_encoder must have stage=1")
-        if stage1_ckpt is not None:
-            load_stage_one(stage1_ckpt, net.transformer, latent_encoder)
         super().__init__(net, loss, optimizer, inference=inference, **kwargs)
         self.latent_encoder = latent_encoder.requires_grad_(False)
+        if stage1_ckpt is not None:
+            self.warm_start_sources = stage_one_weights(stage1_ckpt)
         if not joint_training:
             net.transformer.requires_grad_(False)
         self.prior_loss_weight = prior_loss_weight
@@ -135,14 +135,14 @@ class HIDiffStageTwo(RegressionStage):
         return {"transformer": net.transformer, "condition_encoder": net.condition_encoder, "denoiser": net.denoiser}
 
 
-def load_stage_one(source: str | Mapping[str, str], transformer: nn.Module, latent_encoder: nn.Module) -> None:
-    """Loads the transformer and LE trained by stage one (see :class:`HIDiffStageTwo`)."""
+def stage_one_weights(source: str | Mapping[str, str]) -> list[PartWeights]:
+    """Where stage two's transformer and LE come from (see :class:`HIDiffStageTwo`)."""
     if isinstance(source, Mapping):
         unknown = set(source) - {"transformer", "latent_encoder"}
         if unknown or len(source) != 2:
             raise ValueError(f"stage1_ckpt as official files needs exactly the keys transformer and latent_encoder, got {sorted(source)}")
-        load_weights(transformer, official_state_dict(source["transformer"]), str(source["transformer"]))
-        load_weights(latent_encoder, official_state_dict(source["latent_encoder"]), str(source["latent_encoder"]))
-        return
-    load_weights(transformer, lightning_weights(source, "net.transformer"), f"{source} (net.transformer)")
-    load_weights(latent_encoder, lightning_weights(source, "net.latent_encoder"), f"{source} (net.latent_encoder)")
+        return [PartWeights("net.transformer", str(source["transformer"])), PartWeights("latent_encoder", str(source["latent_encoder"]))]
+    return [
+        PartWeights("net.transformer", str(source), "net.transformer"),
+        PartWeights("latent_encoder", str(source), "net.latent_encoder"),
+    ]

@@ -15,38 +15,21 @@ image and an online prior from a frozen model of stage 3.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel, VQModel
 from einops import rearrange
 from torch import nn
 from torch.optim import Optimizer
 
-from deblur_diffusion.checkpoints import CheckpointError, lightning_weights, load_weights
 from deblur_diffusion.models.blocks import pad_to_multiple
-from deblur_diffusion.models.compvis_ldm import load_compvis_ldm
 from deblur_diffusion.models.latent_prior import LatentPriorModel, PriorFusedNet, to_model_range
 from deblur_diffusion.stages.regression import RegressionStage
+from deblur_diffusion.weights import PartWeights
 
 LDM_PARTS = ("autoencoder", "unet")
+# The subfolders of a diffusers LDM folder that hold each part.
+DIFFUSERS_FOLDERS = {"autoencoder": "vqvae", "unet": "unet"}
 DECODER_PARTS = ("autoencoder.decoder", "autoencoder.post_quant_conv")
-
-
-def load_diffusers_folder(folder: str | Path, net: LatentPriorModel) -> None:
-    """Loads a diffusers-format LDM folder (``vqvae/`` and ``unet/``, as the LDM super-resolution
-    release ``CompVis/ldm-super-resolution-4x-openimages``) into ``net``."""
-    folder = Path(folder)
-    layout = f"{folder}/vqvae/{{config.json, diffusion_pytorch_model.safetensors}} and {folder}/unet/{{...}}"
-    if not (folder / "vqvae" / "config.json").is_file() or not (folder / "unet" / "config.json").is_file():
-        raise CheckpointError(
-            f"no diffusers-format LDM weights in {folder}: expected {layout}. Download "
-            "CompVis/ldm-super-resolution-4x-openimages (git clone of its Hugging Face repository) on a machine with "
-            "internet and copy the folder here. An original CompVis model.ckpt + config.yaml loads directly with "
-            "deblur_diffusion.models.load_compvis_ldm (generate_prior ldm_config=...)."
-        )
-    load_weights(net.autoencoder, VQModel.from_pretrained(folder, subfolder="vqvae").state_dict(), f"{folder}/vqvae")
-    load_weights(net.unet, UNet2DModel.from_pretrained(folder, subfolder="unet").state_dict(), f"{folder}/unet")
 
 
 class LatentPriorStage(RegressionStage):
@@ -79,15 +62,14 @@ class LatentPriorStage(RegressionStage):
         pretrained_dir: str | None = None,
         **kwargs,
     ):
-        if pretrained_dir is not None:
-            load_diffusers_folder(pretrained_dir, net)
-        if init_ckpt is not None:
-            for part in self.inherited_parts:
-                load_weights(net.get_submodule(part), lightning_weights(init_ckpt, f"net.{part}"), f"{init_ckpt} (net.{part})")
         net.requires_grad_(False)
         for part in self.trained_parts:
             net.get_submodule(part).requires_grad_(True)
         super().__init__(net, loss, optimizer, **kwargs)
+        if pretrained_dir is not None:
+            self.warm_start_sources += [PartWeights(f"net.{part}", str(pretrained_dir), key) for part, key in DIFFUSERS_FOLDERS.items()]
+        if init_ckpt is not None:
+            self.warm_start_sources += [PartWeights(f"net.{part}", str(init_ckpt), f"net.{part}") for part in self.inherited_parts]
 
 
 class AutoencoderStage(LatentPriorStage):
@@ -192,10 +174,7 @@ class PriorFusedStage(RegressionStage):
         prior_ldm_config: str | None = None,
         **kwargs,
     ):
-        if prior_ckpt is not None and prior_ldm_config is not None:
-            released = load_compvis_ldm(prior_ckpt, prior_ldm_config, use_ema=True)
-            load_weights(net.prior, released.state_dict(), f"{prior_ckpt} (as model.net.prior)")
-            net.prior.alphas_cumprod.copy_(released.alphas_cumprod)
-        elif prior_ckpt is not None:
-            load_weights(net.prior, lightning_weights(prior_ckpt, "net"), f"{prior_ckpt} (net)")
         super().__init__(net, loss, optimizer, **kwargs)
+        if prior_ckpt is not None:
+            key = "" if prior_ldm_config is not None else "net"
+            self.warm_start_sources = [PartWeights("net.prior", str(prior_ckpt), key, prior_ldm_config)]

@@ -24,6 +24,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.metrics import ssim
+from deblur_diffusion.weights import PartWeights, warm_start
 
 IMAGE_CHANNELS = 3
 
@@ -106,6 +107,15 @@ class RegressionStage(L.LightningModule):
         self.test_metrics = image_metrics("test/")
         self.test_input_metrics = image_metrics("test/", "_input")
         self.run_config: dict | None = None
+        # The weights parts of the stage start from (stage1_ckpt, init_ckpt, pretrained_dir, prior_ckpt).
+        self.warm_start_sources: list[PartWeights] = []
+
+    def warm_start(self) -> None:
+        """Loads ``warm_start_sources`` into their parts (and the EMA copy). ``train`` calls it before
+        a run from scratch and never on resume, whose checkpoint holds every weight."""
+        warm_start(self, self.warm_start_sources)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.net.state_dict())
 
     @property
     def inference_net(self) -> nn.Module:
