@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
+
+from deblur_diffusion.cli import config_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The parity fixtures live in the repository (tests/fixtures); DEBLUR_FIXTURES points elsewhere.
@@ -48,25 +51,21 @@ def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout
     )
 
 
-# A Restormer small enough to train a few steps in seconds on a CPU.
-TINY_RESTORMER = [
-    "model.net.dim=8",
-    "model.net.num_blocks=[1,1,1,1]",
-    "model.net.num_refinement_blocks=1",
-    "model.net.heads=[1,1,1,1]",
-]
-TINY_SYNTHETIC = [
-    "data.train.length=64",
-    "data.train.image_size=48",
-    "data.val.length=2",
-    "data.val.image_size=32",
-    "data.patch_schedule=[[0,32,2]]",
-    "data.num_workers=0",
-]
-FAST_TRAINER = [
-    "trainer=cpu",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "trainer.log_every_n_steps=1",
-    "trainer.num_sanity_val_steps=0",
-]
+def _as_overrides(node, prefix: str) -> list[str]:
+    """A config node as command-line overrides (``prefix.key=value``, nested keys flattened)."""
+    flat = []
+    for key, value in node.items():
+        if OmegaConf.is_dict(value):
+            flat += _as_overrides(value, f"{prefix}.{key}")
+        else:
+            flat.append(f"{prefix}.{key}={OmegaConf.to_container(value) if OmegaConf.is_list(value) else value}".replace(" ", ""))
+    return flat
+
+
+# The pieces of debug=tiny (conf/debug/tiny.yaml), for tests that combine them with other models,
+# data or trainers: a Restormer that trains a few steps in seconds on a CPU, small synthetic pairs,
+# and a four-step trainer.
+_DEBUG = OmegaConf.load(Path(config_dir()) / "debug" / "tiny.yaml")
+TINY_RESTORMER = _as_overrides(_DEBUG.model.net, "model.net")
+TINY_SYNTHETIC = _as_overrides(_DEBUG.data, "data")
+FAST_TRAINER = ["trainer=cpu", *_as_overrides(_DEBUG.trainer, "trainer")]

@@ -165,7 +165,7 @@ def test_the_official_configuration_has_the_official_parameter_counts(tmp_path):
     with torch.device("meta"):
         unet, _ = unet_from_ldm(params["unet_config"]["params"])
         first_stage = vq_from_ldm(params["first_stage_config"]["params"])
-    # REFERENCE.md: the released LDM-BSR UNet and VQ first stage.
+    # The released LDM-BSR model.ckpt: the model_ema UNet and the VQ first stage.
     assert sum(p.numel() for p in unet.parameters()) == 113_622_563
     assert sum(p.numel() for p in first_stage.parameters()) == 55_322_782
 

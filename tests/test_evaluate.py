@@ -328,13 +328,9 @@ def test_predict_refuses_to_write_into_the_input_folder(tmp_path):
 
 @pytest.mark.slow
 def test_training_checkpoint_exports_and_predicts(tmp_path):
-    from conftest import FAST_TRAINER, TINY_RESTORMER, TINY_SYNTHETIC
-
     trained = run_cli(
         "train",
-        *TINY_RESTORMER,
-        *TINY_SYNTHETIC,
-        *FAST_TRAINER,
+        "debug=tiny",
         "model.ema_decay=0.9",
         "test=false",
         f"hydra.run.dir={tmp_path}/run",

@@ -73,9 +73,7 @@ def test_ddp_sim_validates_each_image_once_like_a_single_process(tmp_path):
 def test_ddp_sim_trains_and_rank_zero_writes_the_outputs(tmp_path):
     result = run_cli(
         "train",
-        *TINY_RESTORMER,
-        *TINY_SYNTHETIC,
-        *FAST_TRAINER,
+        "debug=tiny",
         "trainer=ddp_sim",
         "test=false",
         f"hydra.run.dir={tmp_path}/run",

@@ -41,7 +41,7 @@ def test_restormer_presets_compose(tmp_path, experiment):
     assert cfg.model.net.inp_channels == (6 if experiment.endswith("dual") else 3)
     assert cfg.model.net.dual_pixel_task == experiment.endswith("dual")
     if experiment != "quickstart":
-        # REFERENCE.md: phases [92k, 64k, 48k, 36k, 36k, 24k], 8 GPUs x [8, 5, 4, 2, 1, 1] = global [64, 40, 32, 16, 8, 8].
+        # Restormer's option files: phases [92k, 64k, 48k, 36k, 36k, 24k], 8 GPUs x [8, 5, 4, 2, 1, 1] = global [64, 40, 32, 16, 8, 8].
         schedule = ProgressiveSchedule.from_official(
             [92000, 64000, 48000, 36000, 36000, 24000], [128, 160, 192, 256, 320, 384], [64, 40, 32, 16, 8, 8]
         )
@@ -51,7 +51,7 @@ def test_restormer_presets_compose(tmp_path, experiment):
         assert cfg.trainer.max_steps == 300000 and cfg.trainer.val_check_interval == 4000 * 8
 
 
-# REFERENCE.md, "Training recipes": Swintormer as its paper states it, and as its released option file.
+# Swintormer as its paper states it (Sec. 4), and as its released option file.
 SWINTORMER_RECIPES = {
     "swintormer_dpdd": dict(batch=11, steps=300_000, periods=[300_000], eta_mins=[1e-6]),
     "swintormer_dpdd_release": dict(batch=9, steps=5_000_000, periods=[12_000, 840_000], eta_mins=[3e-4, 1e-5]),
@@ -104,7 +104,7 @@ def test_hidiff_presets_hold_the_official_recipes(tmp_path, dataset):
     first = compose_train(tmp_path, f"experiment=hidiff_{dataset}_s1")
     second = compose_train(tmp_path, f"experiment=hidiff_{dataset}_s2", "model.stage1_ckpt=s1.ckpt")
     for cfg in (first, second):
-        # REFERENCE.md: global [64, 40, 32, 16, 8, 8] on 4 GPUs, phases of 20k then 200k iterations.
+        # HI-Diff's option files: global [64, 40, 32, 16, 8, 8] on 4 GPUs, phases of 20k then 200k iterations.
         assert [list(phase) for phase in cfg.data.patch_schedule] == [
             [0, 128, 64],
             [20000, 160, 40],
