@@ -74,14 +74,15 @@ def _checkpoint_wrapper(module: nn.Module, **_) -> nn.Module:
     return module
 
 
-def import_reference(path: Path) -> types.ModuleType:
-    """Imports one official architecture file with its framework imports stubbed out."""
+def import_reference(path: Path, checkpointing: bool = True) -> types.ModuleType:
+    """Imports one official architecture file with its framework imports stubbed out; without
+    ``checkpointing``, fairscale's wrapper is the identity (the official network without it)."""
     registry = types.SimpleNamespace(register=lambda *args, **kwargs: lambda obj: obj)
     for package in ("basicsr", "basicsr.utils", "fairscale"):
         sys.modules.setdefault(package, types.ModuleType(package))
     _stub_module("basicsr.utils.registry", ARCH_REGISTRY=registry)
-    _stub_module("fairscale.nn", checkpoint_wrapper=_checkpoint_wrapper)
-    spec = importlib.util.spec_from_file_location(f"reference_{path.stem}", path)
+    _stub_module("fairscale.nn", checkpoint_wrapper=_checkpoint_wrapper if checkpointing else lambda module, **_: module)
+    spec = importlib.util.spec_from_file_location(f"reference_{path.stem}_{checkpointing}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -182,7 +183,7 @@ def main() -> None:
             ]
             table.add_row(name if label == next(iter(medians)) else "", label, f"{median:.3f}", *ratios)
         table.add_section()
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":
