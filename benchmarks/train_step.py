@@ -47,6 +47,9 @@ from deblur_diffusion.models import PriorGuidedRestormer, Restormer, Swintormer
 HIDIFF_GOPRO = {"dim": 48, "num_blocks": [3, 5, 6, 6], "num_refinement_blocks": 4, "heads": [1, 2, 4, 8], "embed_dim": 64, "group": 4}
 PRIOR_TOKENS = (16, 256)
 
+# The package's network in the channels-last layout, as the training presets run it (model.channels_last).
+CHANNELS_LAST = "package, channels-last (the presets)"
+
 REFERENCE_FILES = {
     "restormer": "Restormer/basicsr/models/archs/restormer_arch.py",
     "hidiff": "HI-Diff/hi_diff/archs/Transformer_arch.py",
@@ -93,22 +96,24 @@ def build_models(name: str, reference_dir: Path | None, size: int, batch: int):
     generator = torch.Generator().manual_seed(0)
     if name == "restormer":
         inputs = (torch.rand(batch, 3, size, size, generator=generator),)
-        package = {"package": Restormer()}
+        package = {"package": Restormer(), CHANNELS_LAST: Restormer()}
         official_class, official_args = "Restormer", {}
     elif name == "hidiff":
         inputs = (torch.rand(batch, 3, size, size, generator=generator), torch.rand(batch, *PRIOR_TOKENS, generator=generator))
-        package = {"package": PriorGuidedRestormer(**HIDIFF_GOPRO)}
+        package = {"package": PriorGuidedRestormer(**HIDIFF_GOPRO), CHANNELS_LAST: PriorGuidedRestormer(**HIDIFF_GOPRO)}
         official_class, official_args = "Transformer", HIDIFF_GOPRO
     else:
         inputs = (torch.rand(batch, 6, size, size, generator=generator),)
         package = {
             "package": Swintormer(),
+            CHANNELS_LAST: Swintormer(),
             "package, official checkpointing": Swintormer(checkpoint_levels="official"),
         }
         official_class, official_args = "Swintormer", {}
     state = package["package"].state_dict()
     for model in package.values():
         model.load_state_dict(state)
+    package[CHANNELS_LAST].to(memory_format=torch.channels_last)
     models = dict(package)
     if reference_dir is not None:
         variants = {"official": True, "official without its checkpointing": False} if name == "swintormer" else {"official": True}
@@ -128,18 +133,20 @@ def time_steps(models: dict[str, nn.Module], inputs: tuple, repeats: int, device
     inputs = tuple(t.to(device) for t in inputs)
     target = torch.rand_like(inputs[0][:, :3])
     steps: dict[str, Callable[[], None]] = {}
+    layout = {label: torch.channels_last if label == CHANNELS_LAST else torch.contiguous_format for label in models}
+    model_inputs = {label: tuple(t.contiguous(memory_format=layout[label]) if t.ndim == 4 else t for t in inputs) for label in models}
     for label, model in models.items():
         model.to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def step(model=model, optimizer=optimizer) -> None:
+        def step(model=model, optimizer=optimizer, inputs=model_inputs[label]) -> None:
             optimizer.zero_grad(set_to_none=True)
             (model(*inputs) - target).abs().mean().backward()
             optimizer.step()
 
         steps[label] = step
     with torch.no_grad():
-        outputs = {label: model(*inputs) for label, model in models.items()}
+        outputs = {label: model(*model_inputs[label]) for label, model in models.items()}
     first = next(iter(outputs.values()))
     for label, output in outputs.items():
         difference = (output - first).abs().max().item()
