@@ -100,13 +100,16 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
     if manifest["priors"] and previous != settings:
         raise ConfigError(f"{manifest_file} was written with {previous}, not {settings}; use another out folder or delete it")
     manifest.update(settings)
-    todo = [index for index in range(len(names)) if not prior_path(folder, names[index]).is_file()]
-    for index in set(range(len(names))) - set(todo):
-        manifest["priors"][names[index]] = prior_path(folder, names[index]).name
+    todo = []
+    for index, name in enumerate(names):
+        if prior_path(folder, name).is_file():
+            manifest["priors"][name] = prior_path(folder, name).name
+        else:
+            todo.append(index)
     console = Console()
     # Workers read and decode the next images while the device samples the current one.
     upcoming = DataLoader(_Blurry(load_blurry, todo), batch_size=None, num_workers=min(int(cfg.data.num_workers), len(todo)))
-    for written, (index, blurry) in enumerate(
+    for count, (index, blurry) in enumerate(
         track(upcoming, total=len(todo), description=f"priors of {len(todo)} images (T = {cfg.steps})", console=console), start=1
     ):
         blurry = blurry[None].to(device)
@@ -117,12 +120,12 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
             prior = inference(model, blurry)[0].permute(1, 2, 0).cpu().numpy()
         target = write_image(prior_path(folder, names[index]), prior, PRIOR_BIT_DEPTH)
         manifest["priors"][names[index]] = target.name
-        if written % MANIFEST_EVERY == 0:
+        if count % MANIFEST_EVERY == 0:
             manifest_file.write_text(json.dumps(manifest, indent=2))
     manifest_file.write_text(json.dumps(manifest, indent=2))
-    written, skipped = len(todo), len(names) - len(todo)
-    console.print(f"{written} priors written, {skipped} already there, in {folder}", highlight=False)
-    return written, skipped
+    skipped = len(names) - len(todo)
+    console.print(f"{len(todo)} priors written, {skipped} already there, in {folder}", highlight=False)
+    return len(todo), skipped
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="generate_prior")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from deblur_diffusion.data.io import image_bit_depth, image_size, list_images, read_image_raw
-from deblur_diffusion.data.sources import PairPlanes, PairSource
+from deblur_diffusion.data.sources import PairPlanes, StoredPairSource
 from deblur_diffusion.errors import DatasetLayoutError, ImageReadError, PairMismatchError
 
 _DATA_DIR_HINT = "Set paths.data_dir (or the DEBLUR_DATA environment variable) to the folder that holds the datasets."
@@ -55,7 +55,7 @@ def _paired_folders(input_dir: Path, target_dir: Path, dataset: str, layout: str
     return _match_by_stem(_require_images(input_dir, dataset, layout), _require_images(target_dir, dataset, layout), dataset)
 
 
-class PairedFiles(PairSource):
+class PairedFiles(StoredPairSource):
     """Pairs of files: one or more input views (concatenated on channels) and one target.
 
     Args:
@@ -127,9 +127,6 @@ class PairedFiles(PairSource):
 
     def files(self, index: int) -> list[Path]:
         return [*self.inputs[index], self.targets[index]]
-
-    def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return self.load_planes(index, rng).to_float()
 
     def load_planes(self, index: int, rng: np.random.Generator | None = None) -> PairPlanes:
         target_path = self.targets[index]

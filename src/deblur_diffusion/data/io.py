@@ -41,11 +41,16 @@ def read_image_raw(path: str | Path, as_8bit: bool = False) -> np.ndarray:
         encoded = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
         raise ImageReadError(f"cannot read image {path}: {err.strerror or err}") from err
+    return decode_image(encoded, str(path), as_8bit)
+
+
+def decode_image(encoded: np.ndarray, origin: str, as_8bit: bool = False) -> np.ndarray:
+    """:func:`read_image_raw` on the bytes of an encoded image (``origin`` names it in errors)."""
     image = cv2.imdecode(encoded, cv2.IMREAD_COLOR if as_8bit else cv2.IMREAD_UNCHANGED) if encoded.size else None
     if image is None:
-        raise ImageReadError(f"cannot decode image {path}: the file is empty, truncated or not an image")
+        raise ImageReadError(f"cannot decode image {origin}: the file is empty, truncated or not an image")
     if image.dtype not in _MAX_VALUE:
-        raise ImageReadError(f"unsupported pixel type {image.dtype} in {path}: expected 8 or 16-bit integers")
+        raise ImageReadError(f"unsupported pixel type {image.dtype} in {origin}: expected 8 or 16-bit integers")
     if image.ndim == 2:
         image = image[:, :, None]
     channels = image.shape[2]
@@ -53,7 +58,7 @@ def read_image_raw(path: str | Path, as_8bit: bool = False) -> np.ndarray:
         return np.repeat(image[:, :, :1], 3, axis=2)
     if channels in (3, 4):
         return np.ascontiguousarray(image[:, :, 2::-1])
-    raise ImageReadError(f"unsupported channel count {channels} in {path}: expected 1 (gray), 3 (RGB) or 4 (RGBA)")
+    raise ImageReadError(f"unsupported channel count {channels} in {origin}: expected 1 (gray), 3 (RGB) or 4 (RGBA)")
 
 
 def read_image(path: str | Path, as_8bit: bool = False) -> np.ndarray:

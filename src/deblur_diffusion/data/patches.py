@@ -31,28 +31,26 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 def load_checked(source: PairSource, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Loads a pair and checks its layout against what the source promises."""
     lq, gt = source.load(index, rng)
-    _check_layout(source, index, lq.shape, [lq.shape[2]], gt.shape)
+    _check_layout(source, index, [lq.shape], gt.shape)
     return lq, gt
 
 
 def load_planes_checked(source: PairSource, index: int, rng: np.random.Generator) -> PairPlanes:
     """Loads a pair as stored (for training crops) and checks its layout."""
     planes = source.load_planes(index, rng)
-    shapes = [plane.shape for plane in planes.inputs]
-    for shape in shapes:
-        if shape[:2] != planes.target.shape[:2]:
-            _check_layout(source, index, shape, [], planes.target.shape)
-    _check_layout(source, index, shapes[0], [shape[2] for shape in shapes], planes.target.shape)
+    _check_layout(source, index, [plane.shape for plane in planes.inputs], planes.target.shape)
     return planes
 
 
-def _check_layout(source: PairSource, index: int, lq_shape: tuple, lq_channels: list[int], gt_shape: tuple) -> None:
-    if lq_shape[:2] != gt_shape[:2]:
-        raise PairMismatchError(f"pair {source.name(index)!r}: input is {lq_shape[0]}x{lq_shape[1]}, target {gt_shape[0]}x{gt_shape[1]}")
-    if sum(lq_channels) != source.in_channels or gt_shape[2] != 3:
+def _check_layout(source: PairSource, index: int, input_shapes: list[tuple], gt_shape: tuple) -> None:
+    """Every input plane the target's size; the input channels and three target channels as promised."""
+    for shape in input_shapes:
+        if shape[:2] != gt_shape[:2]:
+            raise PairMismatchError(f"pair {source.name(index)!r}: input is {shape[0]}x{shape[1]}, target {gt_shape[0]}x{gt_shape[1]}")
+    channels = sum(shape[2] for shape in input_shapes)
+    if channels != source.in_channels or gt_shape[2] != 3:
         raise PairMismatchError(
-            f"pair {source.name(index)!r}: expected {source.in_channels} input and 3 target channels, "
-            f"got {sum(lq_channels)} and {gt_shape[2]}"
+            f"pair {source.name(index)!r}: expected {source.in_channels} input and 3 target channels, got {channels} and {gt_shape[2]}"
         )
 
 

@@ -31,7 +31,8 @@ import cv2
 import lmdb
 import numpy as np
 
-from deblur_diffusion.data.sources import PairPlanes, PairSource
+from deblur_diffusion.data.io import decode_image
+from deblur_diffusion.data.sources import PairPlanes, PairSource, StoredPairSource
 from deblur_diffusion.errors import ConfigError, DatasetLayoutError, ImageReadError
 
 STORE_FORMAT = "deblur-diffusion prepared crops"
@@ -260,7 +261,7 @@ def _write_pair_crops(
     return records
 
 
-class PreparedCrops(PairSource):
+class PreparedCrops(StoredPairSource):
     """The crops of a prepared store as a pair source: item ``i`` is crop ``i``.
 
     Args:
@@ -323,8 +324,7 @@ class PreparedCrops(PairSource):
         if value is None:
             raise ImageReadError(f"prepared store {self.store}: crop {index} plane {plane} is missing; prepare it again")
         if self.encoding == "png":
-            decoded = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_UNCHANGED)
-            return decoded[:, :, ::-1]
+            return decode_image(np.frombuffer(value, np.uint8), f"{self.store} crop {index} plane {plane}")
         height, width = self.records[index][4:6]
         layout = self.planes[plane]
         return np.frombuffer(value, dtype=layout["dtype"]).reshape(height, width, layout["channels"])
@@ -332,9 +332,6 @@ class PreparedCrops(PairSource):
     def load_planes(self, index: int, rng: np.random.Generator | None = None) -> PairPlanes:
         planes = [self._plane(index, plane) for plane in range(len(self.planes))]
         return PairPlanes(planes[:-1], planes[-1])
-
-    def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return self.load_planes(index, rng).to_float()
 
     def describe(self) -> str:
         return f"{len(self)} prepared crops ({self.encoding}) of {self.settings['source']}, from {self.store}"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from deblur_diffusion.data.io import read_image_raw
-from deblur_diffusion.data.sources import PairPlanes, PairSource
+from deblur_diffusion.data.sources import PairPlanes, PairSource, StoredPairSource
 from deblur_diffusion.data.synthetic import SyntheticPairs
 from deblur_diffusion.errors import ConfigError, DatasetLayoutError, ImageReadError, PairMismatchError
 
@@ -29,7 +29,7 @@ def require_fixed_pairs(source: PairSource) -> None:
         )
 
 
-class WithPrior(PairSource):
+class WithPrior(StoredPairSource):
     """Appends each pair's prior image (``prior_dir/<pair name>.png``, 16-bit) to its input
     channels, so that crops and augmentations cut image and prior alike."""
 
@@ -54,9 +54,6 @@ class WithPrior(PairSource):
 
     def files(self, index: int) -> list[Path]:
         return [*self.source.files(index), prior_path(self.prior_dir, self.name(index))]
-
-    def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return self.load_planes(index, rng).to_float()
 
     def load_planes(self, index: int, rng: np.random.Generator | None = None) -> PairPlanes:
         planes = self.source.load_planes(index, rng)

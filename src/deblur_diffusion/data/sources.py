@@ -83,3 +83,14 @@ class PairSource(ABC):
     def verify(self) -> None:  # noqa: B027 - a hook: most sources have nothing to check
         """Raises a clear error when the source cannot be read; called when its split is first used,
         so that a split the run does not use (``test=false``) may be incomplete."""
+
+
+class StoredPairSource(PairSource):
+    """A source of stored pixels (files, a crop store): it provides :meth:`load_planes`, and
+    :meth:`load` is those planes as float."""
+
+    @abstractmethod
+    def load_planes(self, index: int, rng: np.random.Generator | None = None) -> PairPlanes: ...
+
+    def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.load_planes(index, rng).to_float()
