@@ -276,3 +276,59 @@ def test_the_online_prior_loads_the_released_checkpoint(ldm_sr):
     assert max_error(eps, outputs["eps_ema"]) < NETWORK_TOLERANCE
     assert max_error(stage.net.prior.alphas_cumprod, outputs["alphas_cumprod"]) == 0
     assert stage.net(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_generate_prior_batches_images_of_one_size_without_changing_their_priors(ldm_sr, tmp_path, monkeypatch):
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from deblur_diffusion.cli import config_dir
+    from deblur_diffusion.data.io import read_image_raw, write_image
+    from deblur_diffusion.generate_prior import MANIFEST, generate_priors
+    from deblur_diffusion.models.latent_prior import LatentPriorModel
+
+    folder = ldm_sr[0]
+    rng = np.random.default_rng(0)
+    # Sorted by name: two 40x40, one 32x48, two 40x40 -> with batch_size 2, batches of 2, 1, 2.
+    for name, shape in (("a", (40, 40)), ("b", (40, 40)), ("c", (32, 48)), ("d", (40, 40)), ("e", (40, 40))):
+        write_image(tmp_path / "blurry" / f"{name}.png", rng.random((*shape, 3)), 8)
+    unet_batches, manifest_writes = [], []
+    write_text, predict_noise = type(tmp_path).write_text, LatentPriorModel.predict_noise
+
+    def counting_write_text(path, *args, **kwargs):
+        manifest_writes.extend([path] if path.name == MANIFEST else [])
+        return write_text(path, *args, **kwargs)
+
+    def counting_predict_noise(model, x_t, *args):
+        unet_batches.append(len(x_t))
+        return predict_noise(model, x_t, *args)
+
+    monkeypatch.setattr(type(tmp_path), "write_text", counting_write_text)
+    monkeypatch.setattr(LatentPriorModel, "predict_noise", counting_predict_noise)
+    priors = {}
+    for batch_size in (1, 2):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(
+                "generate_prior",
+                overrides=[
+                    f"ckpt={folder / 'model.ckpt'}",
+                    f"ldm_config={folder / 'config.yaml'}",
+                    f"input={tmp_path / 'blurry'}",
+                    f"out={tmp_path / f'batch{batch_size}'}",
+                    "steps=2",
+                    f"batch_size={batch_size}",
+                    "data.num_workers=0",
+                    "device=cpu",
+                    f"paths.root_dir={tmp_path}",
+                    f"paths.output_dir={tmp_path}",
+                ],
+            )
+        unet_batches.clear()
+        manifest_writes.clear()
+        assert generate_priors(cfg) == (5, 0)
+        priors[batch_size] = {name: read_image_raw(tmp_path / f"batch{batch_size}" / f"{name}.png") for name in "abcde"}
+        assert len(manifest_writes) == {1: 5, 2: 3}[batch_size] + 1  # once per batch, once at the end
+    assert set(unet_batches) == {1, 2}
+    for name in "abcde":
+        # 7 / 65535 ~ 1e-4: float32 reordering noise of a batched UNet call, amplified by DDIM.
+        assert np.abs(priors[1][name].astype(int) - priors[2][name].astype(int)).max() <= 7, name

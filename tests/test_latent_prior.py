@@ -61,6 +61,17 @@ def test_the_prior_has_the_input_size_and_is_reproducible_with_a_seed():
     assert not torch.equal(prior, model(blurry))
 
 
+@pytest.mark.parametrize("prior", ["official", "paper_decoder"])
+def test_an_image_gets_the_prior_it_gets_alone_in_any_batch(prior):
+    # generate_prior batches images: a prior must not depend on its batch or its place in it.
+    model = tiny_model(prior=prior, eta=1.0, condition_multiple=8).eval()
+    blurry = torch.rand(3, 3, 32, 40)
+    batched = model(blurry)
+    for index in range(3):
+        # 1e-4: the first DDIM steps amplify float32 reordering noise, as in test_compvis_ldm.
+        assert (model(blurry[index : index + 1]) - batched[index : index + 1]).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("steps", [5, 10, 20, 50])
 def test_ddim_with_t_steps_calls_the_unet_t_times(steps):
     model = tiny_model().eval()

@@ -3,8 +3,10 @@
 
 For every blurry image of a data split (or of a folder), samples the prior with T DDIM steps from a
 fixed seed at the image's size and writes it as a 16-bit PNG named after the pair, with a
-``manifest.json`` recording the model, the prior, T and the seed. Priors already on disk are
-skipped, so an interrupted run resumes where it stopped.
+``manifest.json`` recording the model, the prior, T and the seed. Consecutive images of one size
+are sampled ``batch_size`` at a time; every image of a batch gets the noise it would get alone, so
+the batch size does not change the priors. Priors already on disk are skipped, so an interrupted
+run resumes where it stopped.
 
 ``prior=official`` (default) is the released ``generate_feature.py``: the pretrained CompVis
 LDM-BSR (``ckpt`` = its ``model.ckpt``, ``ldm_config`` = its ``config.yaml``, EMA weights), the
@@ -16,7 +18,7 @@ tiles for large images. ``prior=paper_decoder`` is the paper text's decoded prio
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import hydra
@@ -24,7 +26,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
-from rich.progress import track
+from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, split_datamodule
@@ -40,9 +42,6 @@ from deblur_diffusion.weights import load_network
 IMAGE_CHANNELS = 3
 PRIOR_BIT_DEPTH = 16
 MANIFEST = "manifest.json"
-# The manifest is rewritten every this many priors (and at the end); a resumed run re-lists the
-# priors found on disk, so nothing is lost in between.
-MANIFEST_EVERY = 16
 
 
 class _Blurry(Dataset):
@@ -57,6 +56,19 @@ class _Blurry(Dataset):
 
     def __getitem__(self, position: int) -> tuple[int, torch.Tensor]:
         return self.indices[position], self.load(self.indices[position])
+
+
+def same_size_batches(images: Iterable[tuple[int, torch.Tensor]], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(indices, stacked images) of at most ``batch_size`` consecutive images of one size."""
+    indices, batch = [], []
+    for index, image in images:
+        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
+            yield indices, torch.stack(batch)
+            indices, batch = [], []
+        indices.append(index)
+        batch.append(image)
+    if batch:
+        yield indices, torch.stack(batch)
 
 
 def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Tensor], Path]:
@@ -84,6 +96,8 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
         raise ConfigError(f"{cfg.ckpt} holds a {type(model).__name__}, not a latent diffusion prior (model=ldm_decoder_finetune)")
     if cfg.prior not in PRIORS:
         raise ConfigError(f"prior must be one of {PRIORS}, got {cfg.prior!r}")
+    if int(cfg.batch_size) < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
     model.prior = cfg.prior
     model.sampling_steps, model.noise_seed = int(cfg.steps), int(cfg.seed)
     device = pick_device(cfg.device)
@@ -107,21 +121,22 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
         else:
             todo.append(index)
     console = Console()
-    # Workers read and decode the next images while the device samples the current one.
+    # Workers read and decode the next images while the device samples the current batch.
     upcoming = DataLoader(_Blurry(load_blurry, todo), batch_size=None, num_workers=min(int(cfg.data.num_workers), len(todo)))
-    for count, (index, blurry) in enumerate(
-        track(upcoming, total=len(todo), description=f"priors of {len(todo)} images (T = {cfg.steps})", console=console), start=1
-    ):
-        blurry = blurry[None].to(device)
-        # The official prior tiles itself (LDM's split-input path, blended at every DDIM step).
-        large = blurry.shape[-2] * blurry.shape[-1] > cfg.tile_above_pixels
-        inference = tiled if large and model.prior == "paper_decoder" else whole
-        with torch.no_grad():
-            prior = inference(model, blurry)[0].permute(1, 2, 0).cpu().numpy()
-        target = write_image(prior_path(folder, names[index]), prior, PRIOR_BIT_DEPTH)
-        manifest["priors"][names[index]] = target.name
-        if count % MANIFEST_EVERY == 0:
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"priors of {len(todo)} images (T = {cfg.steps})", total=len(todo))
+        for indices, blurry in same_size_batches(upcoming, int(cfg.batch_size)):
+            blurry = blurry.to(device)
+            # The official prior tiles itself (LDM's split-input path, blended at every DDIM step).
+            large = blurry.shape[-2] * blurry.shape[-1] > cfg.tile_above_pixels
+            inference = tiled if large and model.prior == "paper_decoder" else whole
+            with torch.no_grad():
+                priors = inference(model, blurry).permute(0, 2, 3, 1).cpu().numpy()
+            for index, prior in zip(indices, priors, strict=True):
+                manifest["priors"][names[index]] = write_image(prior_path(folder, names[index]), prior, PRIOR_BIT_DEPTH).name
+            # Once per batch: a resumed run re-lists the priors on disk, so nothing is lost in between.
             manifest_file.write_text(json.dumps(manifest, indent=2))
+            progress.advance(task, len(indices))
     manifest_file.write_text(json.dumps(manifest, indent=2))
     skipped = len(names) - len(todo)
     console.print(f"{len(todo)} priors written, {skipped} already there, in {folder}", highlight=False)

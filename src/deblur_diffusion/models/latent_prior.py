@@ -62,8 +62,9 @@ class LatentPriorModel(RestorationNetwork):
         sampling_steps: T, the number of DDIM steps of :meth:`sample_latents`.
         eta: DDIM's stochasticity (1.0 as the official generation script; 0 is deterministic).
         noise_seed: sampling draws its noise from this seed, so a given image always gets the
-            same prior; the starting latent is shared by the images of a batch. ``None`` uses the
-            global generator.
+            same prior. The images of a batch share every draw (the starting latent, as the
+            official script, and each step's noise), so an image's prior does not depend on the
+            batch it is sampled in. ``None`` uses the global generator.
         alphas_cumprod: the schedule's alpha-bar as the LDM code registers it (float64, cast).
         scale_factor: LDM's latent scale (1 for LDM-BSR).
         prior: ``"official"`` or ``"paper_decoder"`` (see the module docstring): what ``forward`` returns.
@@ -163,6 +164,12 @@ class LatentPriorModel(RestorationNetwork):
     def _generator(self) -> torch.Generator | None:
         return None if self.noise_seed is None else torch.Generator().manual_seed(self.noise_seed)
 
+    @staticmethod
+    def _shared_noise(batch: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One draw of a single image's noise (on the CPU generator), for every image of ``batch``:
+        with one image it is the draw the official sampler makes."""
+        return torch.randn((1, *batch.shape[1:]), generator=generator).to(batch).expand_as(batch)
+
     @torch.no_grad()
     def sample_latents(self, blurry: torch.Tensor, steps: int | None = None, trajectory: list | None = None) -> torch.Tensor:
         """DDIM sampling of the latents of a blurry batch whose sides are multiples of
@@ -177,7 +184,8 @@ class LatentPriorModel(RestorationNetwork):
         for step in self.sampler.timesteps:
             timestep = step.to(blurry.device).expand(batch)
             predicted_noise = self.unet(torch.cat([latents, condition], dim=1), timestep).sample
-            latents = self.sampler.step(predicted_noise, step, latents, eta=self.eta, generator=generator).prev_sample
+            step_noise = self._shared_noise(latents, generator) if self.eta > 0 else None
+            latents = self.sampler.step(predicted_noise, step, latents, eta=self.eta, variance_noise=step_noise).prev_sample
             if trajectory is not None:
                 trajectory.append(latents)
         return latents
@@ -242,7 +250,7 @@ class LatentPriorModel(RestorationNetwork):
             pred_x0 = (x - (1.0 - alphas[index]).sqrt().to(x) * eps) / a_t.sqrt()
             x = a_prev.sqrt() * pred_x0 + (1.0 - a_prev - sigma**2).sqrt() * eps
             if eta > 0:
-                x = x + sigma * torch.randn(x.shape, generator=generator).to(x)
+                x = x + sigma * self._shared_noise(x, generator)
         return x
 
     def generate(self, blurry: torch.Tensor, steps: int | None = None) -> torch.Tensor:
