@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                                   # this package only
     python benchmarks/train_step.py --reference ~/src                 # and the official files
     python benchmarks/train_step.py --device cuda --batch 8 --size 256
+    python benchmarks/train_step.py --inference --models swintormer --size 512   # forward only
 
 ``--reference DIR`` names a folder holding checkouts of the official repositories (this repository
 does not ship them):
@@ -19,7 +20,8 @@ for this package's default, which does not checkpoint).
 The official network gets this package's weights, so both compute the same function, and the
 outputs are compared before timing.
 
-A step is forward, L1 loss, backward and an AdamW step on one batch. The rows of a model are timed
+A step is forward, L1 loss, backward and an AdamW step on one batch; with ``--inference``, one
+forward pass in evaluation mode without gradients. The rows of a model are timed
 in turns (official, package, official, ...) in one process, and the median is reported, so that
 ratios are measured under the same load. On a CPU, compare ratios only.
 """
@@ -129,14 +131,16 @@ def build_models(name: str, reference_dir: Path | None, size: int, batch: int):
     return inputs, models
 
 
-def time_steps(models: dict[str, nn.Module], inputs: tuple, repeats: int, device: torch.device) -> dict[str, list[float]]:
+def time_steps(
+    models: dict[str, nn.Module], inputs: tuple, repeats: int, device: torch.device, inference: bool = False
+) -> dict[str, list[float]]:
     inputs = tuple(t.to(device) for t in inputs)
     target = torch.rand_like(inputs[0][:, :3])
     steps: dict[str, Callable[[], None]] = {}
     layout = {label: torch.channels_last if label == CHANNELS_LAST else torch.contiguous_format for label in models}
     model_inputs = {label: tuple(t.contiguous(memory_format=layout[label]) if t.ndim == 4 else t for t in inputs) for label in models}
     for label, model in models.items():
-        model.to(device).train()
+        model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step(model=model, optimizer=optimizer, inputs=model_inputs[label]) -> None:
@@ -144,7 +148,12 @@ def time_steps(models: dict[str, nn.Module], inputs: tuple, repeats: int, device
             (model(*inputs) - target).abs().mean().backward()
             optimizer.step()
 
-        steps[label] = step
+        @torch.inference_mode()
+        def forward(model=model, inputs=model_inputs[label]) -> None:
+            model(*inputs)
+
+        model.train(not inference)
+        steps[label] = forward if inference else step
     with torch.no_grad():
         outputs = {label: model(*model_inputs[label]) for label, model in models.items()}
     first = next(iter(outputs.values()))
@@ -175,20 +184,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inference", action="store_true", help="time one forward pass without gradients instead of a step")
     args = parser.parse_args()
     device = torch.device(args.device)
-    table = Table(title=f"Training step, batch {args.batch} x {args.size}^2, {device.type}, median of {args.repeats}")
-    for column in ("network", "code", "seconds", "official / this row", "official without checkpointing / this row"):
+    work = "Inference" if args.inference else "Training step"
+    table = Table(title=f"{work}, batch {args.batch} x {args.size}^2, {device.type}, median of {args.repeats}")
+    for column in ("network", "code", "seconds", "min - max", "official / this row", "official without checkpointing / this row"):
         table.add_column(column, justify="left" if column in ("network", "code") else "right")
     for name in args.models:
         inputs, models = build_models(name, args.reference, args.size, args.batch)
-        medians = {label: statistics.median(times) for label, times in time_steps(models, inputs, args.repeats, device).items()}
+        seconds = time_steps(models, inputs, args.repeats, device, args.inference)
+        medians = {label: statistics.median(times) for label, times in seconds.items()}
         for label, median in medians.items():
             ratios = [
                 f"{medians[reference] / median:.2f}x" if reference in medians else ""
                 for reference in ("official", "official without its checkpointing")
             ]
-            table.add_row(name if label == next(iter(medians)) else "", label, f"{median:.3f}", *ratios)
+            spread = f"{min(seconds[label]):.3f} - {max(seconds[label]):.3f}"
+            table.add_row(name if label == next(iter(medians)) else "", label, f"{median:.3f}", spread, *ratios)
         table.add_section()
     Console(width=160).print(table)
 
