@@ -175,3 +175,22 @@ def test_prepare_cli_then_training_from_the_store(tmp_path):
     assert "16 prepared crops" in trained.stdout
     refused = run_cli("train", *from_store, "data.crops.stride=8", f"paths.output_dir={tmp_path / 'refused'}", cwd=tmp_path)
     assert refused.returncode == 1 and "stride" in refused.stderr
+
+
+def test_the_batch_table_points_folder_training_to_the_store(tmp_path, rng):
+    from rich.console import Console
+
+    from deblur_diffusion.train import batch_table
+
+    source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b"], (40, 40))
+    prepare_store(source, tmp_path / "store", CropRule(32, 16))
+    options = dict(train=source, in_channels=9, crops={"size": 32, "stride": 16}, patch_schedule=[[0, 24, 2]])
+
+    def shown(datamodule):
+        console = Console(width=400, record=True)
+        console.print(batch_table(datamodule, world_size=1, accumulation=1))
+        return console.export_text()
+
+    assert "deblur_diffusion.data.prepare" in shown(DeblurDataModule(**options))
+    assert "deblur_diffusion.data.prepare" not in shown(DeblurDataModule(prepared_dir=str(tmp_path / "store"), **options))
+    assert "deblur_diffusion.data.prepare" not in shown(DeblurDataModule(patch_schedule=[[0, 24, 2]]))

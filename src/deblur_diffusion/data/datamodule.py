@@ -194,5 +194,11 @@ class DeblurDataModule(L.LightningDataModule):
     def has_split(self, split: str) -> bool:
         return self.sources.get(split) is not None
 
+    def reads_whole_image_files(self) -> bool:
+        """Whether training patches are cut from whole image files (decoded for every patch), not
+        from a prepared crop store or generated pairs."""
+        train = self.sources.get("train")
+        return train is not None and len(train) > 0 and bool(train.files(0))
+
     def describe(self) -> list[tuple[str, str]]:
         return [(split, source.describe()) for split, source in self.sources.items() if source is not None]
