@@ -284,7 +284,8 @@ def test_generate_prior_batches_images_of_one_size_without_changing_their_priors
 
     from deblur_diffusion.cli import config_dir
     from deblur_diffusion.data.io import read_image_raw, write_image
-    from deblur_diffusion.generate_prior import MANIFEST, generate_priors
+    from deblur_diffusion.data.priors import PRIOR_MANIFEST
+    from deblur_diffusion.generate_prior import generate_priors
     from deblur_diffusion.models.latent_prior import LatentPriorModel
 
     folder = ldm_sr[0]
@@ -296,7 +297,7 @@ def test_generate_prior_batches_images_of_one_size_without_changing_their_priors
     write_text, predict_noise = type(tmp_path).write_text, LatentPriorModel.predict_noise
 
     def counting_write_text(path, *args, **kwargs):
-        manifest_writes.extend([path] if path.name == MANIFEST else [])
+        manifest_writes.extend([path] if path.name == PRIOR_MANIFEST else [])
         return write_text(path, *args, **kwargs)
 
     def counting_predict_noise(model, x_t, *args):

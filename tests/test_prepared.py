@@ -1,6 +1,7 @@
 """The prepared crop store: the official crop rule, the sharpness filter, resuming, the settings
 check, and training patches identical to the folder path's."""
 
+import json
 from pathlib import Path
 
 import cv2
@@ -194,3 +195,19 @@ def test_the_batch_table_points_folder_training_to_the_store(tmp_path, rng):
     assert "deblur_diffusion.data.prepare" in shown(DeblurDataModule(**options))
     assert "deblur_diffusion.data.prepare" not in shown(DeblurDataModule(prepared_dir=str(tmp_path / "store"), **options))
     assert "deblur_diffusion.data.prepare" not in shown(DeblurDataModule(patch_schedule=[[0, 24, 2]]))
+
+
+def test_a_store_follows_its_priors_when_they_move_but_not_when_they_change(tmp_path, rng):
+    source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b"], (40, 40))
+    # What generate_prior records in a prior folder (its README section and manifest.json).
+    manifest = {"ckpt": "ldm/bsr_sr/model.ckpt", "prior": "official", "steps": 50, "seed": 0, "eta": 1.0, "priors": {}}
+    (source.prior_dir / "manifest.json").write_text(json.dumps(manifest))
+    prepare_store(source, tmp_path / "store", CropRule(32, 16))
+    options = dict(in_channels=9, crops={"size": 32, "stride": 16}, prepared_dir=str(tmp_path / "store"))
+    moved = tmp_path / "elsewhere" / "priors_T50"
+    moved.parent.mkdir()
+    source.prior_dir.rename(moved)
+    DeblurDataModule(train=WithPrior(source.source, moved), **options)
+    (moved / "manifest.json").write_text(json.dumps(manifest | {"steps": 20}))
+    with pytest.raises(ConfigError, match="priors"):
+        DeblurDataModule(train=WithPrior(source.source, moved), **options)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, split_datamodule
 from deblur_diffusion.data.io import list_images, read_image, write_image
 from deblur_diffusion.data.patches import WholeImages, to_tensor
-from deblur_diffusion.data.priors import prior_path, require_fixed_pairs
+from deblur_diffusion.data.priors import PRIOR_MANIFEST, PRIOR_SETTINGS, prior_path, require_fixed_pairs
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.models.compvis_ldm import load_compvis_ldm
 from deblur_diffusion.models.latent_prior import PRIORS, LatentPriorModel
@@ -41,7 +41,6 @@ from deblur_diffusion.weights import load_network
 
 IMAGE_CHANNELS = 3
 PRIOR_BIT_DEPTH = 16
-MANIFEST = "manifest.json"
 
 
 class _Blurry(Dataset):
@@ -107,10 +106,10 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
 
     names, load_blurry, folder = blurry_images(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest_file = folder / MANIFEST
+    manifest_file = folder / PRIOR_MANIFEST
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {"priors": {}}
     settings = {"ckpt": str(cfg.ckpt), "prior": model.prior, "steps": int(cfg.steps), "seed": int(cfg.seed), "eta": model.eta}
-    previous = {key: manifest.get(key) for key in settings}
+    previous = {key: manifest.get(key) for key in PRIOR_SETTINGS}
     if manifest["priors"] and previous != settings:
         raise ConfigError(f"{manifest_file} was written with {previous}, not {settings}; use another out folder or delete it")
     manifest.update(settings)

@@ -116,7 +116,7 @@ def source_settings(source: PairSource, rule: CropRule) -> dict:
     """What a store's crops depend on; a store is only used with the settings it was made with."""
     names = "\n".join(source.name(index) for index in range(len(source)))
     return {
-        "source": source.describe(),
+        **source.provenance(),
         "pairs": len(source),
         "pair_names_sha1": hashlib.sha1(names.encode()).hexdigest(),
         "in_channels": source.in_channels,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ from deblur_diffusion.errors import ConfigError, DatasetLayoutError, ImageReadEr
 
 PRIOR_SUFFIX = ".png"
 IMAGE_CHANNELS = 3
+# generate_prior's record of a prior folder, and the settings in it that the priors depend on.
+PRIOR_MANIFEST = "manifest.json"
+PRIOR_SETTINGS = ("ckpt", "prior", "steps", "seed", "eta")
 
 
 def prior_path(prior_dir: str | Path, name: str) -> Path:
@@ -69,6 +73,18 @@ class WithPrior(StoredPairSource):
 
     def describe(self) -> str:
         return f"{self.source.describe()} + priors from {self.prior_dir}"
+
+    def provenance(self) -> dict:
+        """The pairs' provenance and the settings the priors were generated with (from
+        generate_prior's manifest), so that the prior folder may move but not change; priors
+        written otherwise are identified by their folder."""
+        manifest = self.prior_dir / PRIOR_MANIFEST
+        if manifest.is_file():
+            written = json.loads(manifest.read_text())
+            priors = {key: written.get(key) for key in PRIOR_SETTINGS}
+        else:
+            priors = {"folder": str(self.prior_dir)}
+        return {**self.source.provenance(), "priors": priors}
 
     def verify(self) -> None:
         self.source.verify()

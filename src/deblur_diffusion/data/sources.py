@@ -68,6 +68,11 @@ class PairSource(ABC):
     def describe(self) -> str:
         return f"{type(self).__name__} with {len(self)} pairs"
 
+    def provenance(self) -> dict:
+        """What the pairs' pixels come from, independent of where the files lie (a prepared store
+        records it and refuses other sources): by default the description."""
+        return {"source": self.describe()}
+
     def bit_depth(self, index: int) -> int:
         """The bit depth the pair's input is read with (what a restored image is saved and scored with)."""
         return 8
