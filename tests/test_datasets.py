@@ -251,3 +251,39 @@ def test_a_split_without_its_prior_folder_fails_only_when_used(tmp_path, rng):
     assert batch["lq"].shape == (3, 6, 16, 16) and prior.dtype == np.uint16
     with pytest.raises(DatasetLayoutError, match="priors/test does not exist.*generate_prior"):
         module.test_dataloader()
+
+
+def compose_data(tmp_path, *overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from deblur_diffusion.cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=[*overrides, f"paths.data_dir={tmp_path}", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"]
+        )
+    return OmegaConf.to_container(cfg.data, resolve=True)
+
+
+@pytest.mark.parametrize(("data", "views", "read_8bit"), [("dpdd", ["c"], True), ("dpdd_dual", ["l", "r"], False)])
+def test_dpdd_evaluation_splits_resolve_without_a_training_split(tmp_path, data, views, read_8bit):
+    # README: data.train=null trains from a prepared store alone; val and test keep the dataset's reading.
+    resolved = compose_data(tmp_path, f"data={data}", "data.train=null", "data.prepared_dir=store")
+    assert resolved["train"] is None
+    for split in ("val", "test"):
+        assert (resolved[split]["views"], resolved[split]["read_8bit"]) == (views, read_8bit)
+    swapped = compose_data(tmp_path, f"data={data}", "data.train.views=[r,l]")
+    assert swapped["val"]["views"] == swapped["test"]["views"] == ["r", "l"]
+
+
+def test_the_readme_data_overrides_compose(tmp_path, rng):
+    from hydra.utils import instantiate
+
+    assert compose_data(tmp_path, "data.repeat_small_dataset=true")["repeat_small_dataset"] is True
+    gamma = compose_data(tmp_path, "data=gopro", "data.train.blur_folder=blur_gamma")
+    for name in ("0001", "0002"):
+        write_png(tmp_path / "GoPro" / "train" / "scene" / "blur_gamma" / f"{name}.png", random_pixels(rng, 16, 16))
+        write_png(tmp_path / "GoPro" / "train" / "scene" / "sharp" / f"{name}.png", random_pixels(rng, 16, 16))
+    assert len(instantiate(gamma["train"])) == 2
+    assert compose_data(tmp_path, "data=hide")["test"]["_target_"].endswith("HIDE")

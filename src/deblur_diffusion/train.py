@@ -59,7 +59,7 @@ def batch_table(datamodule, world_size: int, accumulation: int) -> Table:
     if datamodule.reads_whole_image_files():
         caption += (
             "\nEvery patch decodes its pair's whole images; `python -m deblur_diffusion.data.prepare` writes "
-            "the official crops to a store read 50-100x faster per core (then data.prepared_dir=DIR)."
+            "the official crops to a store read 40-95x faster per core (then data.prepared_dir=DIR)."
         )
     table = Table(title="Training batches", caption=caption or None)
     for column in ("from step", "patch", "global batch", "per device", "ranks", "accumulation"):

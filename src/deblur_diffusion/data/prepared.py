@@ -10,7 +10,7 @@ no image is decoded at training time.
 LMDB because the measurement in ``benchmarks/data_throughput.py`` favours it (see
 ``benchmarks/README.md``): with raw pixels it reads patches at the rate of a memory-mapped array,
 in one file, with concurrent readers in every data worker; PNG-encoded values (``encoding=png``,
-BasicSR's way) take a third of the space but decode a whole crop per patch.
+BasicSR's way) take a half to three quarters of the space but decode a whole crop per patch.
 
 Layout of a store folder: ``crops.lmdb/`` (values ``<crop>.<plane>``) and ``manifest.json``
 (the settings it was made with, the source files, the crop rule and one record per crop). A
