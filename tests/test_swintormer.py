@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from deblur_diffusion.models import Swintormer
+from deblur_diffusion.models import Swintormer, swintormer
 from deblur_diffusion.models.swintormer import MixedWindowAttention, shift_window_mask, softmax_one
 
 # The official Swintormer_arch.py defaults at 6x256x256, and the depths [4, 6, 6, 8] the paper text gives.
@@ -63,7 +63,10 @@ def test_channel_counts_that_are_not_whole_images_are_rejected(channels):
         tiny(inp_channels=channels)
 
 
-def test_shift_mask_separates_exactly_the_pixels_that_wrapped_around():
+@pytest.mark.parametrize("kept", [True, False])
+def test_shift_mask_separates_exactly_the_pixels_that_wrapped_around(kept, monkeypatch):
+    if not kept:  # the path of the masks too large to keep (whole-image inference)
+        monkeypatch.setattr(swintormer, "_CACHED_MASK_BYTES", 0)
     height, width, window, shift = 8, 12, 4, 2
     mask = shift_window_mask(height, width, window, shift, torch.device("cpu"))
     rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
@@ -74,6 +77,15 @@ def test_shift_mask_separates_exactly_the_pixels_that_wrapped_around():
     same_side = (windows[:, :, None, :] == windows[:, None, :, :]).all(-1)
     assert torch.equal(mask == 0, same_side)
     assert torch.all(mask[~same_side] == -100)
+
+
+def test_shift_masks_are_kept_for_patch_sizes_but_not_for_whole_images():
+    cpu = torch.device("cpu")
+    patch = shift_window_mask(256, 256, 16, 8, cpu)
+    assert shift_window_mask(256, 256, 16, 8, cpu) is patch
+    # 33 x 33 windows of 256 tokens: 285 MB, above the 256 MiB kept.
+    whole_image = shift_window_mask(528, 528, 16, 8, cpu)
+    assert shift_window_mask(528, 528, 16, 8, cpu) is not whole_image
 
 
 def isolated_spatial_attention(shift):

@@ -88,15 +88,27 @@ def window_merge(windows: torch.Tensor, window: int, height: int, width: int) ->
     return rearrange(windows, "(b nh nw) c wh ww -> b c (nh wh) (nw ww)", nh=height // window, nw=width // window)
 
 
-@functools.lru_cache(maxsize=16)
+# A mask takes windows x window^4 floats: 256 MiB for a 512 x 512 feature map with 16 px windows.
+_CACHED_MASK_BYTES = 256 * 2**20
+
+
 def shift_window_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     """(windows, N, N) additive mask for shifted windows: -100 between tokens that came from
     different image regions before the cyclic shift (they are not neighbours), 0 otherwise.
 
-    It depends only on the feature map's size, so it is built once per size and device (the
-    official code rebuilds it on the CPU in every shifted block of every step).
+    It depends only on the feature map's size, so masks up to ``_CACHED_MASK_BYTES`` (training
+    patches and tiles) are built once per size and device, two image sizes at a time; the official
+    code rebuilds them on the CPU in every shifted block of every step. Larger ones (whole-image
+    inference: 2.3 GB at level 1 of a DPDD image) are built on the device when needed and freed
+    after the block, so that they do not stay on the device.
     """
-    regions = torch.zeros(1, 1, height, width)
+    if (height // window) * (width // window) * window**4 * 4 > _CACHED_MASK_BYTES:
+        return _build_shift_window_mask(height, width, window, shift, device)
+    return _cached_shift_window_mask(height, width, window, shift, device)
+
+
+def _build_shift_window_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
+    regions = torch.zeros(1, 1, height, width, device=device)
     bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     label = 0
     for rows in bands:
@@ -105,7 +117,11 @@ def shift_window_mask(height: int, width: int, window: int, shift: int, device: 
             label += 1
     labels = window_partition(regions, window).flatten(1)
     different = labels.unsqueeze(1) != labels.unsqueeze(2)
-    return torch.zeros_like(different, dtype=torch.float32).masked_fill(different, _SHIFT_MASK_VALUE).to(device)
+    return torch.zeros_like(different, dtype=torch.float32).masked_fill(different, _SHIFT_MASK_VALUE)
+
+
+# Each image size takes one mask per level (four): two sizes, e.g. two phases of a patch schedule.
+_cached_shift_window_mask = functools.lru_cache(maxsize=8)(_build_shift_window_mask)
 
 
 def log_spaced_relative_coordinates(window: int) -> torch.Tensor:
