@@ -282,10 +282,9 @@ def test_generate_prior_batches_images_of_one_size_without_changing_their_priors
     import numpy as np
     from hydra import compose, initialize_config_dir
 
+    from deblur_diffusion import generate_prior
     from deblur_diffusion.cli import config_dir
     from deblur_diffusion.data.io import read_image_raw, write_image
-    from deblur_diffusion.data.priors import PRIOR_MANIFEST
-    from deblur_diffusion.generate_prior import generate_priors
     from deblur_diffusion.models.latent_prior import LatentPriorModel
 
     folder = ldm_sr[0]
@@ -294,17 +293,17 @@ def test_generate_prior_batches_images_of_one_size_without_changing_their_priors
     for name, shape in (("a", (40, 40)), ("b", (40, 40)), ("c", (32, 48)), ("d", (40, 40)), ("e", (40, 40))):
         write_image(tmp_path / "blurry" / f"{name}.png", rng.random((*shape, 3)), 8)
     unet_batches, manifest_writes = [], []
-    write_text, predict_noise = type(tmp_path).write_text, LatentPriorModel.predict_noise
+    write_manifest, predict_noise = generate_prior.write_manifest, LatentPriorModel.predict_noise
 
-    def counting_write_text(path, *args, **kwargs):
-        manifest_writes.extend([path] if path.name == PRIOR_MANIFEST else [])
-        return write_text(path, *args, **kwargs)
+    def counting_write_manifest(path, manifest):
+        manifest_writes.append(path)
+        return write_manifest(path, manifest)
 
     def counting_predict_noise(model, x_t, *args):
         unet_batches.append(len(x_t))
         return predict_noise(model, x_t, *args)
 
-    monkeypatch.setattr(type(tmp_path), "write_text", counting_write_text)
+    monkeypatch.setattr(generate_prior, "write_manifest", counting_write_manifest)
     monkeypatch.setattr(LatentPriorModel, "predict_noise", counting_predict_noise)
     priors = {}
     for batch_size in (1, 2):
@@ -326,10 +325,19 @@ def test_generate_prior_batches_images_of_one_size_without_changing_their_priors
             )
         unet_batches.clear()
         manifest_writes.clear()
-        assert generate_priors(cfg) == (5, 0)
+        assert generate_prior.generate_priors(cfg) == (5, 0)
         priors[batch_size] = {name: read_image_raw(tmp_path / f"batch{batch_size}" / f"{name}.png") for name in "abcde"}
         assert len(manifest_writes) == {1: 5, 2: 3}[batch_size] + 1  # once per batch, once at the end
     assert set(unet_batches) == {1, 2}
     for name in "abcde":
         # 7 / 65535 ~ 1e-4: float32 reordering noise of a batched UNet call, amplified by DDIM.
         assert np.abs(priors[1][name].astype(int) - priors[2][name].astype(int)).max() <= 7, name
+
+
+def test_prior_batches_hold_one_size_and_at_most_the_pixel_bound():
+    from deblur_diffusion.generate_prior import same_size_batches
+
+    images = [(i, torch.zeros(3, *size)) for i, size in enumerate([(4, 4)] * 5 + [(4, 8)] * 2 + [(8, 8)])]
+    assert [indices for indices, _ in same_size_batches(images, 3)] == [[0, 1, 2], [3, 4], [5, 6], [7]]
+    # 40 pixels: two 4x4 images, one 4x8, and a single 8x8 image above the bound still goes alone.
+    assert [indices for indices, _ in same_size_batches(images, 3, max_pixels=40)] == [[0, 1], [2, 3], [4], [5], [6], [7]]

@@ -211,3 +211,28 @@ def test_a_store_follows_its_priors_when_they_move_but_not_when_they_change(tmp_
     (moved / "manifest.json").write_text(json.dumps(manifest | {"steps": 20}))
     with pytest.raises(ConfigError, match="priors"):
         DeblurDataModule(train=WithPrior(source.source, moved), **options)
+
+
+def test_a_store_refuses_another_view_order_and_priors_without_a_manifest_that_moved(tmp_path, rng):
+    source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b"], (40, 40))
+    prepare_store(source, tmp_path / "store", CropRule(32, 16))
+    options = dict(in_channels=9, crops={"size": 32, "stride": 16}, prepared_dir=str(tmp_path / "store"))
+    swapped = WithPrior(DPDD(tmp_path / "DPDD", "train", views=["r", "l"]), source.prior_dir)
+    with pytest.raises(ConfigError, match="files_sha1"):
+        DeblurDataModule(train=swapped, **options)
+    moved = tmp_path / "priors_elsewhere"
+    source.prior_dir.rename(moved)  # no generate_prior manifest: identified by its folder
+    with pytest.raises(ConfigError, match="priors"):
+        DeblurDataModule(train=WithPrior(source.source, moved), **options)
+    with pytest.raises(DatasetLayoutError, match="prior folder .* does not exist"):
+        DeblurDataModule(train=source, **options)
+
+
+def test_a_store_used_without_its_training_set_needs_evaluation_read_alike(tmp_path, rng):
+    write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b"], (40, 40))
+    sixteen_bit = DPDD(tmp_path / "DPDD", "train", views=["c"])
+    prepare_store(sixteen_bit, tmp_path / "store", CropRule(32, 16))
+    options = dict(train=None, in_channels=3, prepared_dir=str(tmp_path / "store"))
+    DeblurDataModule(val=DPDD(tmp_path / "DPDD", "train", views=["c"]), **options)
+    with pytest.raises(ConfigError, match="read_8bit"):
+        DeblurDataModule(val=DPDD(tmp_path / "DPDD", "train", views=["c"], read_8bit=True), **options)

@@ -79,13 +79,14 @@ def test_shift_mask_separates_exactly_the_pixels_that_wrapped_around(kept, monke
     assert torch.all(mask[~same_side] == -100)
 
 
-def test_shift_masks_are_kept_for_patch_sizes_but_not_for_whole_images():
+def test_shift_masks_are_kept_for_patch_sizes_but_not_for_whole_images(monkeypatch):
     cpu = torch.device("cpu")
-    patch = shift_window_mask(256, 256, 16, 8, cpu)
-    assert shift_window_mask(256, 256, 16, 8, cpu) is patch
-    # 33 x 33 windows of 256 tokens: 285 MB, above the 256 MiB kept.
-    whole_image = shift_window_mask(528, 528, 16, 8, cpu)
-    assert shift_window_mask(528, 528, 16, 8, cpu) is not whole_image
+    # 4 x 4 windows of 64 tokens take 4 x 4 x 64^2 x 4 bytes = 256 KiB: kept up to that size.
+    monkeypatch.setattr(swintormer, "_CACHED_MASK_BYTES", 256 * 2**10)
+    patch = shift_window_mask(32, 32, 8, 4, cpu)
+    assert shift_window_mask(32, 32, 8, 4, cpu) is patch
+    whole_image = shift_window_mask(40, 40, 8, 4, cpu)
+    assert shift_window_mask(40, 40, 8, 4, cpu) is not whole_image
 
 
 def isolated_spatial_attention(shift):

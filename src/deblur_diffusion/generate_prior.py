@@ -5,7 +5,7 @@ For every blurry image of a data split (or of a folder), samples the prior with 
 fixed seed at the image's size and writes it as a 16-bit PNG named after the pair, with a
 ``manifest.json`` recording the model, the prior, T and the seed. Consecutive images of one size
 are sampled ``batch_size`` at a time; every image of a batch gets the noise it would get alone, so
-the batch size does not change the priors. Priors already on disk are skipped, so an interrupted
+the batch size changes the priors only by float32 rounding (about 1e-4). Priors already on disk are skipped, so an interrupted
 run resumes where it stopped.
 
 ``prior=official`` (default) is the released ``generate_feature.py``: the pretrained CompVis
@@ -18,6 +18,7 @@ tiles for large images. ``prior=paper_decoder`` is the paper text's decoded prio
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -57,17 +58,28 @@ class _Blurry(Dataset):
         return self.indices[position], self.load(self.indices[position])
 
 
-def same_size_batches(images: Iterable[tuple[int, torch.Tensor]], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """(indices, stacked images) of at most ``batch_size`` consecutive images of one size."""
+def same_size_batches(
+    images: Iterable[tuple[int, torch.Tensor]], batch_size: int, max_pixels: int | None = None
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(indices, stacked images) of at most ``batch_size`` consecutive images of one size, and of
+    at most ``max_pixels`` pixels in all unless a single image is larger."""
     indices, batch = [], []
     for index, image in images:
-        if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
+        full = len(batch) == batch_size or (max_pixels is not None and (len(batch) + 1) * image[0].numel() > max_pixels)
+        if batch and (full or image.shape != batch[0].shape):
             yield indices, torch.stack(batch)
             indices, batch = [], []
         indices.append(index)
         batch.append(image)
     if batch:
         yield indices, torch.stack(batch)
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Replaces the manifest at once, so that an interrupted run never leaves half a file."""
+    partial = path.with_name(f"{path.name}.partial")
+    partial.write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, path)
 
 
 def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Tensor], Path]:
@@ -124,7 +136,9 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
     upcoming = DataLoader(_Blurry(load_blurry, todo), batch_size=None, num_workers=min(int(cfg.data.num_workers), len(todo)))
     with Progress(console=console) as progress:
         task = progress.add_task(f"priors of {len(todo)} images (T = {cfg.steps})", total=len(todo))
-        for indices, blurry in same_size_batches(upcoming, int(cfg.batch_size)):
+        # The decoded prior runs whole images up to tile_above_pixels: a batch stays within that bound.
+        max_pixels = int(cfg.tile_above_pixels) if model.prior == "paper_decoder" else None
+        for indices, blurry in same_size_batches(upcoming, int(cfg.batch_size), max_pixels):
             blurry = blurry.to(device)
             # The official prior tiles itself (LDM's split-input path, blended at every DDIM step).
             large = blurry.shape[-2] * blurry.shape[-1] > cfg.tile_above_pixels
@@ -134,9 +148,9 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
             for index, prior in zip(indices, priors, strict=True):
                 manifest["priors"][names[index]] = write_image(prior_path(folder, names[index]), prior, PRIOR_BIT_DEPTH).name
             # Once per batch: a resumed run re-lists the priors on disk, so nothing is lost in between.
-            manifest_file.write_text(json.dumps(manifest, indent=2))
+            write_manifest(manifest_file, manifest)
             progress.advance(task, len(indices))
-    manifest_file.write_text(json.dumps(manifest, indent=2))
+    write_manifest(manifest_file, manifest)
     skipped = len(names) - len(todo)
     console.print(f"{len(todo)} priors written, {skipped} already there, in {folder}", highlight=False)
     return len(todo), skipped

@@ -107,6 +107,8 @@ class DeblurDataModule(L.LightningDataModule):
             train_source = self.sources["train"]
             expected = None if train_source is None else source_settings(train_source, self.crop_rule)
             self.sources["train"] = PreparedCrops(prepared_dir, expected)
+            if train_source is None:
+                self._require_evaluation_reads_like(self.sources["train"])
         for split, source in self.sources.items():
             if source is not None and source.in_channels != in_channels:
                 raise ConfigError(
@@ -121,6 +123,17 @@ class DeblurDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.seed = seed
         self.repeat_small_dataset = repeat_small_dataset
+
+    def _require_evaluation_reads_like(self, store: PreparedCrops) -> None:
+        """Without the training set there is nothing to check the store against; at least the
+        validation and test sets must read the files as the store's crops were read."""
+        for split in ("val", "test"):
+            source = self.sources[split]
+            if source is not None and source.read_8bit != store.read_8bit:
+                raise ConfigError(
+                    f"data.prepared_dir={store.store} holds crops read with read_8bit={store.read_8bit}, but data.{split} "
+                    f"reads with read_8bit={source.read_8bit}: set data.{split}.read_8bit={store.read_8bit}"
+                )
 
     def pairs(self, split: str) -> PairSource:
         """The checked pair source of a split, priors included: what validation and evaluation read."""

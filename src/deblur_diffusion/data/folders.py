@@ -7,6 +7,7 @@ error that names the expected layout and the files at fault.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,6 +54,10 @@ def _match_by_stem(inputs: list[Path], targets: list[Path], dataset: str) -> lis
 def _paired_folders(input_dir: Path, target_dir: Path, dataset: str, layout: str) -> list[tuple[Path, Path]]:
     """(input, target) files of two folders paired by name; both folders must exist and hold images."""
     return _match_by_stem(_require_images(input_dir, dataset, layout), _require_images(target_dir, dataset, layout), dataset)
+
+
+# Path parts that identify a file within a dataset (split or view folder, subfolder, name).
+FILE_PARTS = 3
 
 
 class PairedFiles(StoredPairSource):
@@ -145,6 +150,13 @@ class PairedFiles(StoredPairSource):
     def describe(self) -> str:
         read = ", read as 8-bit" if self.read_8bit else ""
         return f"{self.dataset}: {len(self)} pairs, {self.in_channels} input channels{read}"
+
+    def provenance(self) -> dict:
+        """The description and a digest of every pair's files by their last three path parts
+        (``train_l/source/x.png``, ``scene/blur_gamma/x.png``): the dataset may move, but the view
+        order or the blurred frames it reads may not change."""
+        files = "\n".join(" ".join("/".join(path.parts[-FILE_PARTS:]) for path in self.files(index)) for index in range(len(self)))
+        return {**super().provenance(), "files_sha1": hashlib.sha1(files.encode()).hexdigest()}
 
 
 class FolderPairs(PairedFiles):

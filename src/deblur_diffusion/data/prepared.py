@@ -334,7 +334,8 @@ class PreparedCrops(StoredPairSource):
         return PairPlanes(planes[:-1], planes[-1])
 
     def describe(self) -> str:
-        return f"{len(self)} prepared crops ({self.encoding}) of {self.settings['source']}, from {self.store}"
+        priors = " + priors" if "priors" in self.settings else ""
+        return f"{len(self)} prepared crops ({self.encoding}) of {self.settings['source']}{priors}, from {self.store}"
 
     def __getstate__(self) -> dict:
         # Data workers open their own transaction.

@@ -78,6 +78,7 @@ class WithPrior(StoredPairSource):
         """The pairs' provenance and the settings the priors were generated with (from
         generate_prior's manifest), so that the prior folder may move but not change; priors
         written otherwise are identified by their folder."""
+        self._require_prior_dir()  # named as missing, not as a store made with other settings
         manifest = self.prior_dir / PRIOR_MANIFEST
         if manifest.is_file():
             written = json.loads(manifest.read_text())
@@ -88,6 +89,9 @@ class WithPrior(StoredPairSource):
 
     def verify(self) -> None:
         self.source.verify()
+        self._require_prior_dir()
+
+    def _require_prior_dir(self) -> None:
         if not self.prior_dir.is_dir():
             raise DatasetLayoutError(
                 f"prior folder {self.prior_dir} does not exist; write it with "

@@ -63,8 +63,8 @@ class LatentPriorModel(RestorationNetwork):
         eta: DDIM's stochasticity (1.0 as the official generation script; 0 is deterministic).
         noise_seed: sampling draws its noise from this seed, so a given image always gets the
             same prior. The images of a batch share every draw (the starting latent, as the
-            official script, and each step's noise), so an image's prior does not depend on the
-            batch it is sampled in. ``None`` uses the global generator.
+            official script, and each step's noise), so an image's prior depends on the batch it is
+            sampled in only by float32 rounding. ``None`` uses the global generator.
         alphas_cumprod: the schedule's alpha-bar as the LDM code registers it (float64, cast).
         scale_factor: LDM's latent scale (1 for LDM-BSR).
         prior: ``"official"`` or ``"paper_decoder"`` (see the module docstring): what ``forward`` returns.

@@ -116,8 +116,8 @@ def _build_shift_window_mask(height: int, width: int, window: int, shift: int, d
             regions[:, :, rows, cols] = label
             label += 1
     labels = window_partition(regions, window).flatten(1)
-    different = labels.unsqueeze(1) != labels.unsqueeze(2)
-    return torch.zeros_like(different, dtype=torch.float32).masked_fill(different, _SHIFT_MASK_VALUE)
+    # One float copy of the boolean mask (a whole-image mask is gigabytes).
+    return (labels.unsqueeze(1) != labels.unsqueeze(2)).to(torch.float32).mul_(_SHIFT_MASK_VALUE)
 
 
 # Each image size takes one mask per level (four): two sizes, e.g. two phases of a patch schedule.
