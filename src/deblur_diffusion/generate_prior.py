@@ -120,7 +120,8 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
     folder.mkdir(parents=True, exist_ok=True)
     manifest_file = folder / PRIOR_MANIFEST
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {"priors": {}}
-    settings = {"ckpt": str(cfg.ckpt), "prior": model.prior, "steps": int(cfg.steps), "seed": int(cfg.seed), "eta": model.eta}
+    # The keys of PRIOR_SETTINGS, which prepared stores read back.
+    settings = dict(zip(PRIOR_SETTINGS, (str(cfg.ckpt), model.prior, int(cfg.steps), int(cfg.seed), model.eta), strict=True))
     previous = {key: manifest.get(key) for key in PRIOR_SETTINGS}
     if manifest["priors"] and previous != settings:
         raise ConfigError(f"{manifest_file} was written with {previous}, not {settings}; use another out folder or delete it")
