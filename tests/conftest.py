@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 
 from deblur_diffusion.cli import config_dir
 
@@ -35,6 +36,14 @@ def parity_dir() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def compose_config(name: str, root: Path, *overrides: str, output_dir: Path | None = None) -> DictConfig:
+    """An entry point's config composed in-process, with its paths under ``root`` (outputs in
+    ``output_dir``, ``root`` by default)."""
+    paths = [f"paths.root_dir={root}", f"paths.output_dir={output_dir or root}"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(name, overrides=[*overrides, *paths])
 
 
 def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -280,10 +280,9 @@ def test_the_online_prior_loads_the_released_checkpoint(ldm_sr):
 
 def test_generate_prior_batches_images_of_one_size_without_changing_their_priors(ldm_sr, tmp_path, monkeypatch):
     import numpy as np
-    from hydra import compose, initialize_config_dir
+    from conftest import compose_config
 
     from deblur_diffusion import generate_prior
-    from deblur_diffusion.cli import config_dir
     from deblur_diffusion.data.io import read_image_raw, write_image
     from deblur_diffusion.models.latent_prior import LatentPriorModel
 
@@ -307,22 +306,18 @@ def test_generate_prior_batches_images_of_one_size_without_changing_their_priors
     monkeypatch.setattr(LatentPriorModel, "predict_noise", counting_predict_noise)
     priors = {}
     for batch_size in (1, 2):
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose(
-                "generate_prior",
-                overrides=[
-                    f"ckpt={folder / 'model.ckpt'}",
-                    f"ldm_config={folder / 'config.yaml'}",
-                    f"input={tmp_path / 'blurry'}",
-                    f"out={tmp_path / f'batch{batch_size}'}",
-                    "steps=2",
-                    f"batch_size={batch_size}",
-                    "data.num_workers=0",
-                    "device=cpu",
-                    f"paths.root_dir={tmp_path}",
-                    f"paths.output_dir={tmp_path}",
-                ],
-            )
+        cfg = compose_config(
+            "generate_prior",
+            tmp_path,
+            f"ckpt={folder / 'model.ckpt'}",
+            f"ldm_config={folder / 'config.yaml'}",
+            f"input={tmp_path / 'blurry'}",
+            f"out={tmp_path / f'batch{batch_size}'}",
+            "steps=2",
+            f"batch_size={batch_size}",
+            "data.num_workers=0",
+            "device=cpu",
+        )
         unet_batches.clear()
         manifest_writes.clear()
         assert generate_prior.generate_priors(cfg) == (5, 0)

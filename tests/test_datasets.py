@@ -254,16 +254,10 @@ def test_a_split_without_its_prior_folder_fails_only_when_used(tmp_path, rng):
 
 
 def compose_data(tmp_path, *overrides):
-    from hydra import compose, initialize_config_dir
+    from conftest import compose_config
     from omegaconf import OmegaConf
 
-    from deblur_diffusion.cli import config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=[*overrides, f"paths.data_dir={tmp_path}", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"]
-        )
-    return OmegaConf.to_container(cfg.data, resolve=True)
+    return OmegaConf.to_container(compose_config("train", tmp_path, *overrides, f"paths.data_dir={tmp_path}").data, resolve=True)
 
 
 @pytest.mark.parametrize(("data", "views", "read_8bit"), [("dpdd", ["c"], True), ("dpdd_dual", ["l", "r"], False)])

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config
 from hydra import compose, initialize_config_dir
 from scipy import ndimage
 from skimage import data as skdata
@@ -64,19 +65,16 @@ def official_file(tmp_path, net):
 
 
 def run_evaluate(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "evaluate",
-            overrides=[
-                *overrides,
-                f"paths.root_dir={tmp_path}",
-                f"paths.data_dir={tmp_path}",
-                f"paths.output_dir={tmp_path}/eval",
-                f"output_dir={tmp_path}/eval",
-                "lpips=false",
-                "data.num_workers=0",
-            ],
-        )
+    cfg = compose_config(
+        "evaluate",
+        tmp_path,
+        *overrides,
+        f"paths.data_dir={tmp_path}",
+        f"output_dir={tmp_path}/eval",
+        "lpips=false",
+        "data.num_workers=0",
+        output_dir=tmp_path / "eval",
+    )
     summary = evaluate(cfg)
     with open(tmp_path / "eval" / "per_image.csv") as handle:
         rows = {row["name"]: {k: v if k in ("name", "group") else float(v) for k, v in row.items()} for row in csv.DictReader(handle)}

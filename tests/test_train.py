@@ -2,18 +2,15 @@
 
 import pytest
 import torch
-from conftest import FAST_TRAINER, TINY_RESTORMER, TINY_SYNTHETIC
-from hydra import compose, initialize_config_dir
+from conftest import FAST_TRAINER, TINY_RESTORMER, TINY_SYNTHETIC, compose_config
 
-from deblur_diffusion.cli import config_dir
 from deblur_diffusion.data.schedule import ProgressiveSchedule
 from deblur_diffusion.losses import CharbonnierLoss
 from deblur_diffusion.train import train
 
 
 def compose_train(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("train", overrides=[f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", *overrides])
+    return compose_config("train", tmp_path, *overrides, output_dir=tmp_path / "run")
 
 
 def test_train_returns_the_monitored_metric_and_logs_to_tensorboard(tmp_path):

@@ -8,10 +8,8 @@ from typing import ClassVar
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_RESTORMER
-from hydra import compose, initialize_config_dir
+from conftest import TINY_RESTORMER, compose_config
 
-from deblur_diffusion.cli import config_dir
 from deblur_diffusion.data import DeblurDataModule, SyntheticPairs
 from deblur_diffusion.data.schedule import ProgressiveSchedule
 from deblur_diffusion.errors import ConfigError
@@ -40,33 +38,30 @@ class BatchProbe(L.Callback):
 
 def run(tmp_path, name, *overrides):
     BatchProbe.records = []
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"paths.root_dir={tmp_path}",
-                f"paths.output_dir={tmp_path}/{name}",
-                *TINY_RESTORMER,
-                "data.train.length=8",
-                "data.train.image_size=40",
-                "data.val.length=1",
-                "data.val.image_size=32",
-                f"data.patch_schedule={SCHEDULE}".replace(" ", ""),
-                "data.num_workers=2",
-                "trainer=cpu",
-                "trainer.log_every_n_steps=1",
-                "trainer.num_sanity_val_steps=0",
-                "trainer.val_check_interval=4",
-                "test=false",
-                "callbacks=none",
-                "+callbacks.probe._target_=test_training_data.BatchProbe",
-                "+callbacks.last._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-                f"+callbacks.last.dirpath={tmp_path}/{name}/ckpt",
-                "+callbacks.last.save_last=true",
-                "+callbacks.last.save_top_k=0",
-                *overrides,
-            ],
-        )
+    cfg = compose_config(
+        "train",
+        tmp_path,
+        *TINY_RESTORMER,
+        "data.train.length=8",
+        "data.train.image_size=40",
+        "data.val.length=1",
+        "data.val.image_size=32",
+        f"data.patch_schedule={SCHEDULE}".replace(" ", ""),
+        "data.num_workers=2",
+        "trainer=cpu",
+        "trainer.log_every_n_steps=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.val_check_interval=4",
+        "test=false",
+        "callbacks=none",
+        "+callbacks.probe._target_=test_training_data.BatchProbe",
+        "+callbacks.last._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"+callbacks.last.dirpath={tmp_path}/{name}/ckpt",
+        "+callbacks.last.save_last=true",
+        "+callbacks.last.save_top_k=0",
+        *overrides,
+        output_dir=tmp_path / name,
+    )
     train(cfg)
     return list(BatchProbe.records)
 
