@@ -271,6 +271,8 @@ def test_the_online_prior_loads_the_released_checkpoint(ldm_sr):
         prior_ckpt=str(folder / "model.ckpt"),
         prior_ldm_config=str(folder / "config.yaml"),
     )
+    # Built from the config alone, as a resumed run builds it (the buffer is not in checkpoints).
+    assert max_error(stage.net.prior.alphas_cumprod, outputs["alphas_cumprod"]) == 0
     stage.warm_start()
     eps = stage.net.prior.predict_noise(inputs["x_t"], inputs["t"], inputs["condition"])
     assert max_error(eps, outputs["eps_ema"]) < NETWORK_TOLERANCE
@@ -322,7 +324,7 @@ def test_generate_prior_batches_images_of_one_size_without_changing_their_priors
         manifest_writes.clear()
         assert generate_prior.generate_priors(cfg) == (5, 0)
         priors[batch_size] = {name: read_image_raw(tmp_path / f"batch{batch_size}" / f"{name}.png") for name in "abcde"}
-        assert len(manifest_writes) == {1: 5, 2: 3}[batch_size] + 1  # once per batch, once at the end
+        assert len(manifest_writes) == {1: 5, 2: 3}[batch_size] + 2  # once before, once per batch, once at the end
     assert set(unet_batches) == {1, 2}
     for name in "abcde":
         # 7 / 65535 ~ 1e-4: float32 reordering noise of a batched UNet call, amplified by DDIM.
@@ -336,3 +338,60 @@ def test_prior_batches_hold_one_size_and_at_most_the_pixel_bound():
     assert [indices for indices, _ in same_size_batches(images, 3)] == [[0, 1, 2], [3, 4], [5, 6], [7]]
     # 40 pixels: two 4x4 images, one 4x8, and a single 8x8 image above the bound still goes alone.
     assert [indices for indices, _ in same_size_batches(images, 3, max_pixels=40)] == [[0, 1], [2, 3], [4], [5], [6], [7]]
+
+
+def test_generate_prior_records_what_made_its_priors_and_trusts_nothing_else(ldm_sr, tmp_path):
+    import hashlib
+
+    import numpy as np
+    from conftest import compose_config
+
+    from deblur_diffusion.data.io import read_image_raw, write_image
+    from deblur_diffusion.errors import ConfigError
+    from deblur_diffusion.generate_prior import generate_priors
+
+    folder = ldm_sr[0]
+    rng = np.random.default_rng(0)
+    for name in "abc":
+        write_image(tmp_path / "blurry" / f"{name}.png", rng.random((32, 32, 3)), 8)
+    out = tmp_path / "priors"
+
+    def run(*overrides):
+        common = [f"ckpt={folder / 'model.ckpt'}", f"ldm_config={folder / 'config.yaml'}", f"input={tmp_path / 'blurry'}"]
+        return generate_priors(
+            compose_config("generate_prior", tmp_path, *common, f"out={out}", "data.num_workers=0", "batch_size=1", *overrides)
+        )
+
+    write_image(out / "a.png", rng.random((32, 32, 3)), 16)  # a prior image nothing vouches for
+    with pytest.raises(ConfigError, match=r"1 prior images \(e.g. a.png\) but no manifest.json"):
+        run("steps=2")
+    (out / "a.png").unlink()
+    assert run("steps=2") == (3, 0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ckpt_sha256"] == hashlib.sha256((folder / "model.ckpt").read_bytes()).hexdigest()
+    assert manifest["ldm_config_sha256"] == hashlib.sha256((folder / "config.yaml").read_bytes()).hexdigest()
+    assert manifest["inference"]["split_input"]["ks"] == [128, 128] and manifest["inference"]["self_ensemble"] is False
+    assert sorted(manifest["priors"]) == ["a", "b", "c"]
+    # A run killed after writing b.png but before listing it: b is written again, a and c kept.
+    expected_b = read_image_raw(out / "b.png")
+    del manifest["priors"]["b"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "b.png").write_bytes(b"not a whole image")
+    assert run("steps=2") == (1, 2)
+    assert np.array_equal(read_image_raw(out / "b.png"), expected_b)
+    with pytest.raises(ConfigError, match="steps: 2 -> 3"):
+        run("steps=3")
+    with pytest.raises(ConfigError, match="inference: .*self_ensemble"):
+        run("steps=2", "inference.self_ensemble=true")
+
+
+def test_generate_prior_refuses_dual_pixel_views_for_the_combined_one(ldm_sr, tmp_path):
+    from conftest import compose_config
+
+    from deblur_diffusion.errors import ConfigError
+    from deblur_diffusion.generate_prior import generate_priors
+
+    folder = ldm_sr[0]
+    overrides = [f"ckpt={folder / 'model.ckpt'}", f"ldm_config={folder / 'config.yaml'}", "data=dpdd_dual", f"out={tmp_path / 'p'}"]
+    with pytest.raises(ConfigError, match="combined view.*data=dpdd "):
+        generate_priors(compose_config("generate_prior", tmp_path, *overrides))

@@ -159,7 +159,7 @@ def test_official_hidiff_files_load_as_parts(parity_dir):
 
 def test_a_file_of_another_architecture_is_named_by_its_keys(parity_dir):
     config = {"_target_": "deblur_diffusion.models.Restormer", **TINY_RESTORMER_KWARGS}
-    with pytest.raises(CheckpointError, match=r"net_g\.pth does not fit Restormer: missing .* keys: .*unexpected"):
+    with pytest.raises(CheckpointError, match=r"net_g\.pth \(params\) does not fit Restormer: missing .* keys: .*unexpected"):
         load_network(parity_dir / "swintormer" / "net_g.pth", config)
     with pytest.raises(CheckpointError, match="carry no architecture"):
         load_network(parity_dir / "restormer" / "net_g.pth")
@@ -344,3 +344,66 @@ def test_training_checkpoint_exports_and_predicts(tmp_path):
     from_ckpt, from_export = load_network(ckpt).net, load_network(tmp_path / "export").net
     for key, value in from_export.state_dict().items():
         assert torch.equal(value, state[f"ema.module.{key}"]) and torch.equal(value, from_ckpt.state_dict()[key])
+
+
+def evaluate_in_process(tmp_path, *overrides):
+    from conftest import compose_config
+
+    from deblur_diffusion.evaluate import evaluate
+
+    cfg = compose_config("evaluate", tmp_path, *overrides, f"output_dir={tmp_path}/eval", "lpips=false", "data.num_workers=0")
+    return evaluate(cfg)
+
+
+def stage_one_checkpoint(tmp_path):
+    from networks import TINY_CONFIGS, tiny_network
+
+    from deblur_diffusion.stages import HIDiffStageOne
+
+    stage = HIDiffStageOne(tiny_network("hidiff_stage_one"), torch.nn.L1Loss(), torch.optim.AdamW)
+    checkpoint = {"state_dict": stage.state_dict()}
+    stage.run_config = {"model": {"net": TINY_CONFIGS["hidiff_stage_one"]}}
+    stage.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "stage_one.ckpt")
+    return tmp_path / "stage_one.ckpt"
+
+
+def test_a_stage_one_network_is_not_scored_as_a_restoration_unless_asked_and_then_marked(tmp_path):
+    from deblur_diffusion.errors import ConfigError
+
+    path = stage_one_checkpoint(tmp_path)
+    data = ["split=val", "data.val.length=2", "data.val.image_size=32"]
+    with pytest.raises(ConfigError, match="prior is computed from the sharp image"):
+        evaluate_in_process(tmp_path, f"ckpt={path}", *data)
+    assert not (tmp_path / "eval").exists()
+    evaluate_in_process(tmp_path, f"ckpt={path}", *data, "score_with_ground_truth_prior=true")
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["prior_from_ground_truth"] is True and "NOT A RESTORATION" in summary["note"]
+    assert "NOT A RESTORATION" in (tmp_path / "eval" / "summary.md").read_text()
+    with open(tmp_path / "eval" / "per_image.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(row["prior_from_ground_truth"] == "True" for row in rows)
+    assert summary["weights"] == "raw"
+
+
+def test_the_blurry_input_row_of_dual_pixel_data_scores_the_combined_view(tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"{index:03d}" for index in range(2)]
+    combined = {}
+    for name in names:
+        sharp = rng.random((24, 24, 3)).astype(np.float32)
+        views = {"c": cv2.GaussianBlur(sharp, (5, 5), 1.0), "l": np.roll(sharp, 2, axis=1), "r": np.roll(sharp, -3, axis=0)}
+        write_image(tmp_path / "DPDD" / "test_c" / "target" / f"{name}.png", sharp, 16)
+        for view, image in views.items():
+            write_image(tmp_path / "DPDD" / f"test_{view}" / "source" / f"{name}.png", image, 16)
+        combined[name] = read_image_raw(tmp_path / "DPDD" / "test_c" / "source" / f"{name}.png") / 65535.0
+    net = Restormer(**TINY_RESTORMER_KWARGS, inp_channels=6, dual_pixel_task=True)
+    torch.save({"params": net.state_dict()}, tmp_path / "dual.pth")
+    overrides = [f"ckpt={tmp_path / 'dual.pth'}", "model=restormer", *TINY_RESTORMER_OVERRIDES[1:]]
+    evaluate_in_process(tmp_path, *overrides, "data=dpdd_dual", f"paths.data_dir={tmp_path}")
+    with open(tmp_path / "eval" / "per_image.csv") as handle:
+        rows = {row["name"]: row for row in csv.DictReader(handle)}
+    for name, blurry in combined.items():
+        target = read_image_raw(tmp_path / "DPDD" / "test_c" / "target" / f"{name}.png") / 65535.0
+        expected = peak_signal_noise_ratio(target, blurry, data_range=1.0)
+        assert float(rows[name]["input_psnr"]) == pytest.approx(expected, abs=1e-3)

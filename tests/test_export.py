@@ -96,3 +96,53 @@ def test_hidiff_exports_the_three_official_files_of_stage_two_and_the_two_of_sta
 def test_a_network_without_an_official_format_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no official release format"):
         save_official(LatentPriorModel.__new__(LatentPriorModel), tmp_path)
+
+
+def stage_checkpoint(tmp_path, ema_decay):
+    """A checkpoint of this package (as train writes it) whose EMA differs from its raw weights."""
+    from networks import TINY_CONFIGS, tiny_network
+
+    from deblur_diffusion.stages import RegressionStage
+
+    stage = RegressionStage(tiny_network("restormer"), torch.nn.L1Loss(), torch.optim.AdamW, ema_decay=ema_decay)
+    if stage.ema is not None:
+        with torch.no_grad():
+            for parameter in stage.ema.parameters():
+                parameter.add_(0.01)
+    checkpoint = {"state_dict": stage.state_dict()}
+    stage.run_config = {"model": {"net": TINY_CONFIGS["restormer"]}}
+    stage.on_save_checkpoint(checkpoint)
+    path = tmp_path / f"ema_{ema_decay}.ckpt"
+    torch.save(checkpoint, path)
+    return stage, path
+
+
+def test_official_export_keeps_the_raw_params_and_the_ema_as_params_ema(tmp_path):
+    from deblur_diffusion.export import export_official
+
+    stage, path = stage_checkpoint(tmp_path, ema_decay=0.999)
+    (written,) = export_official(path, tmp_path / "with_ema")
+    release = read_checkpoint(written)
+    assert set(release) == {"params", "params_ema"}
+    for key, value in stage.net.state_dict().items():
+        assert torch.equal(release["params"][key], value), key
+    for key, value in stage.ema.module.state_dict().items():
+        assert torch.equal(release["params_ema"][key], value), key
+    stage, path = stage_checkpoint(tmp_path, ema_decay=None)
+    (written,) = export_official(path, tmp_path / "raw")
+    assert set(read_checkpoint(written)) == {"params"}
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_a_safetensors_export_holds_the_chosen_weights_and_says_which(tmp_path, ema):
+    from safetensors.torch import load_file
+
+    from deblur_diffusion.export import export
+
+    stage, path = stage_checkpoint(tmp_path, ema_decay=0.999)
+    out = export(path, tmp_path / "export", ema=ema)
+    expected = (stage.ema.module if ema else stage.net).state_dict()
+    exported = load_file(out / "model.safetensors")
+    assert all(torch.equal(exported[key], value) for key, value in expected.items())
+    loaded = load_network(out)
+    assert loaded.weights == ("ema" if ema else "raw")

@@ -54,3 +54,22 @@ def test_corrupt_and_missing_files_name_the_file(tmp_path):
 def test_image_size_reads_the_header(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((11, 13, 3), dtype=np.uint16))
     assert image_size(tmp_path / "a.png") == (11, 13)
+
+
+def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    import os
+
+    from deblur_diffusion.data import io
+
+    path = write_image(tmp_path / "prior.png", np.full((8, 8, 3), 0.25, np.float32), 16)
+    before = read_image_raw(path)
+
+    def killed(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.os, "replace", killed)
+    with pytest.raises(ImageReadError, match="No space left"):
+        write_image(path, np.full((8, 8, 3), 0.75, np.float32), 16)
+    monkeypatch.setattr(io.os, "replace", os.replace)
+    np.testing.assert_array_equal(read_image_raw(path), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prior.png"]

@@ -13,7 +13,7 @@ from lightning import Trainer
 from networks import prior_fused_swintormer_overrides, tiny_overrides
 from torch.utils.data import DataLoader
 
-from deblur_diffusion.checkpoints import CheckpointError
+from deblur_diffusion.checkpoints import CheckpointError, stage_weights
 from deblur_diffusion.data.io import read_image_raw
 from deblur_diffusion.models import LatentPriorModel, PriorFusedNet, Swintormer
 from deblur_diffusion.stages import AutoencoderStage, DecoderFinetuneStage, LatentDiffusionStage, PriorFusedStage
@@ -181,6 +181,28 @@ def test_online_prior_is_frozen_and_feeds_six_channels():
     assert not any(id(p) in params for p in net.prior.parameters())
     assert all(id(p) in params for p in net.net.parameters())
     assert net.input_channels == 3 and net(torch.rand(1, 3, 24, 24)).shape == (1, 3, 24, 24)
+
+
+def test_the_online_prior_stays_out_of_the_ema_and_loads_back_with_it():
+    net = PriorFusedNet(
+        tiny_model(), Swintormer(inp_channels=6, dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1], window_size=4)
+    )
+    stage = PriorFusedStage(net, torch.nn.L1Loss(), torch.optim.AdamW, ema_decay=0.9)
+    with torch.no_grad():
+        for parameter in stage.ema.parameters():
+            parameter.add_(0.01)  # the EMA now differs from the raw weights everywhere
+    state = stage.state_dict()
+    assert not any(key.startswith("ema.module.prior.") for key in state)
+    assert sum(p.numel() for p in stage.ema.parameters()) == sum(p.numel() for p in net.net.parameters())
+    checkpoint = {"state_dict": state}
+    stage.on_save_checkpoint(checkpoint)
+    weights, used_ema = stage_weights(checkpoint, "net", ema=True, source="test")
+    assert used_ema and set(weights) == set(net.state_dict())
+    assert torch.equal(weights["net.skip_conv.weight"], stage.ema.module.skip_conv.weight)
+    assert torch.equal(weights["prior.unet.conv_in.weight"], net.prior.unet.conv_in.weight)
+    image = torch.rand(1, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(stage(image), stage.ema.module(torch.cat([image, net.prior(image)], dim=1)), rtol=0, atol=0)
 
 
 def ckpt_of(folder):

@@ -200,7 +200,16 @@ def test_the_batch_table_points_folder_training_to_the_store(tmp_path, rng):
 def test_a_store_follows_its_priors_when_they_move_but_not_when_they_change(tmp_path, rng):
     source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b"], (40, 40))
     # What generate_prior records in a prior folder (its README section and manifest.json).
-    manifest = {"ckpt": "ldm/bsr_sr/model.ckpt", "prior": "official", "steps": 50, "seed": 0, "eta": 1.0, "priors": {}}
+    manifest = {
+        "ckpt_sha256": "0f3a",
+        "ldm_config_sha256": "77c1",
+        "prior": "official",
+        "steps": 50,
+        "seed": 0,
+        "eta": 1.0,
+        "inference": {"split_input": {"ks": [128, 128], "stride": [64, 64]}, "condition_multiple": 128, "self_ensemble": False},
+        "priors": {},
+    }
     (source.prior_dir / "manifest.json").write_text(json.dumps(manifest))
     prepare_store(source, tmp_path / "store", CropRule(32, 16))
     options = dict(in_channels=9, crops={"size": 32, "stride": 16}, prepared_dir=str(tmp_path / "store"))
@@ -236,3 +245,47 @@ def test_a_store_used_without_its_training_set_needs_evaluation_read_alike(tmp_p
     DeblurDataModule(val=DPDD(tmp_path / "DPDD", "train", views=["c"]), **options)
     with pytest.raises(ConfigError, match="read_8bit"):
         DeblurDataModule(val=DPDD(tmp_path / "DPDD", "train", views=["c"], read_8bit=True), **options)
+
+
+def test_single_image_dpdd_crops_are_ranked_on_the_16_bit_targets_as_the_official_script(tmp_path, rng):
+    # generate_patches_dpdd.py reads the target with cv2.imread(path, -1) (16 bits) and drops the
+    # 30 % least sharp crops, even where training reads the images as 8 bits. Here every target
+    # value has the same high byte, so the 8-bit reading is flat everywhere; at 16 bits three crops
+    # are flat (the least sharp) and the others textured.
+    crop, flat = 32, [(0, 64), (32, 0), (32, 96)]
+    target = rng.integers(29952, 30208, (64, 160, 3), dtype=np.uint16)
+    for top, left in flat:
+        target[top : top + crop, left : left + crop] = 30000
+    write_png(tmp_path / "DPDD" / "train" / "target" / "a.png", target)
+    write_png(tmp_path / "DPDD" / "train" / "inputC" / "a.png", target)
+    eight_bit = DPDD(tmp_path / "DPDD", "train", views=["c"], read_8bit=True)
+    manifest = prepare_store(eight_bit, tmp_path / "store", CropRule(crop, crop, keep_sharpest=0.7))
+    windows = CropRule(crop, crop).windows(64, 160)
+    assert len(windows) == 10
+    assert [(top, left) for _, _, top, left, _, _ in manifest["crops"]] == [w for w in windows if w not in flat]
+    assert PreparedCrops(tmp_path / "store").load_planes(0).target.dtype == np.uint8
+
+
+def test_the_store_grows_its_map_instead_of_reserving_terabytes(tmp_path, rng, monkeypatch):
+    from deblur_diffusion.data import prepared
+
+    monkeypatch.setattr(prepared, "INITIAL_MAP_SIZE", 64 * 1024)  # smaller than one pair's crops
+    source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b", "c"], (48, 80))
+    manifest = prepare_store(source, tmp_path / "store", CropRule(32, 24))
+    store = PreparedCrops(tmp_path / "store")
+    _, pair, top, left, height, width = manifest["crops"][-1]
+    np.testing.assert_array_equal(
+        store.load_planes(len(store) - 1).target, source.load_planes(pair).target[top : top + height, left : left + width]
+    )
+
+
+def test_evaluation_never_opens_the_training_store(tmp_path):
+    from conftest import compose_config
+    from hydra.errors import InstantiationException
+
+    from deblur_diffusion.cli import split_datamodule
+
+    cfg = compose_config("evaluate", tmp_path, "ckpt=unused", f"data.prepared_dir={tmp_path}/store_on_another_machine")
+    assert len(split_datamodule(cfg, "val").pairs("val")) > 0
+    with pytest.raises(InstantiationException, match="no prepared store in .*store_on_another_machine"):
+        split_datamodule(cfg, "train")

@@ -342,3 +342,21 @@ def test_swintormer_tile_presets_place_tiles_as_the_official_grid(preset, tile):
     assert (inference.mode, inference.tile_size, inference.stride) == ("tiles", tile, 220)
     for length in (1120, 1680, 700):
         assert tile_starts(length, inference.tile_size, inference.stride) == official_grid_starts(length, tile)
+
+
+def test_compare_refuses_evaluations_scored_with_different_protocols(tmp_path, capsys):
+    for run, protocol in (("a", "gopro_matlab"), ("b", "standard")):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "per_image.csv").write_text("name,group,psnr,ssim\nimg0,all,30.0,0.9\n")
+        (tmp_path / run / "summary.json").write_text(json.dumps({"protocol": protocol, "split": "test"}))
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert "gopro_matlab" in capsys.readouterr().err
+
+
+def test_the_matlab_protocol_refuses_an_image_outside_the_unit_range():
+    from deblur_diffusion.protocols import get_protocol
+
+    image = torch.full((1, 3, 16, 16), 0.5)
+    protocol = get_protocol("gopro_matlab")
+    with pytest.raises(ValueError, match=r"in \[0, 1\]; got values in \[0.5, 1.2\]"):
+        protocol.score(torch.cat([image[:, :, :8], image[:, :, 8:] + 0.7], dim=2), image, None)

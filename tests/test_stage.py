@@ -20,16 +20,16 @@ def tiny_net():
     return Restormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1])
 
 
-def tiny_data():
+def tiny_data(batch=2):
     return DeblurDataModule(
         train=SyntheticPairs("train", length=16, image_size=40, kernel_size=5),
         val=SyntheticPairs("val", length=3, image_size=24, kernel_size=5),
-        patch_schedule=[[0, 24, 2]],
+        patch_schedule=[[0, 24, batch]],
         num_workers=0,
     )
 
 
-def fit(stage, steps=3, accelerator="cpu", **trainer_options):
+def fit(stage, steps=3, accelerator="cpu", data=None, **trainer_options):
     trainer = L.Trainer(
         accelerator=accelerator,
         max_steps=steps,
@@ -41,7 +41,7 @@ def fit(stage, steps=3, accelerator="cpu", **trainer_options):
         limit_val_batches=0,
         **trainer_options,
     )
-    trainer.fit(stage, datamodule=tiny_data())
+    trainer.fit(stage, datamodule=data or tiny_data())
     return trainer
 
 
@@ -66,21 +66,53 @@ def test_gradients_are_clipped_to_the_configured_norm():
     assert max(RecordingSGD.norms) == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_ema_tracks_the_weights_and_is_used_for_inference():
+class RecordRawWeights(L.Callback):
+    """The raw weights after every optimisation step (Lightning's global_step counts them), read
+    from outside the stage."""
+
+    def __init__(self):
+        self.after_step = []
+
+    def on_train_batch_end(self, trainer, stage, outputs, batch, batch_idx):
+        if len(self.after_step) < trainer.global_step:
+            self.after_step.append({key: value.detach().clone() for key, value in stage.net.state_dict().items()})
+
+
+def test_the_ema_is_basicsr_model_ema_once_per_optimisation_step():
+    # BasicSR (models/sr_model.py): net_g_ema starts as a copy of net_g (model_ema(decay=0)) and after
+    # every optimizer.step() becomes decay * ema + (1 - decay) * net_g.
     torch.manual_seed(0)
-    stage = RegressionStage(tiny_net(), torch.nn.L1Loss(), functools.partial(torch.optim.AdamW, lr=1e-2), ema_decay=0.5)
-    initial = {k: v.clone() for k, v in stage.net.state_dict().items()}
-    fit(stage, steps=3)
-    trained = stage.net.state_dict()
+    decay = 0.6
+    stage = RegressionStage(tiny_net(), torch.nn.L1Loss(), functools.partial(torch.optim.SGD, lr=0.5), ema_decay=decay)
+    expected = {key: value.clone() for key, value in stage.net.state_dict().items()}
+    recorder = RecordRawWeights()
+    fit(stage, steps=3, accumulate_grad_batches=2, callbacks=[recorder])
+    assert len(recorder.after_step) == 3
+    for weights in recorder.after_step:
+        expected = {key: decay * expected[key] + (1 - decay) * weights[key] for key in expected}
     averaged = stage.ema.module.state_dict()
-    name = "output.weight"
-    assert not torch.equal(averaged[name], trained[name])
-    assert not torch.equal(averaged[name], initial[name])
+    assert not torch.equal(averaged["output.weight"], recorder.after_step[-1]["output.weight"])
+    for key, value in expected.items():
+        torch.testing.assert_close(averaged[key], value, rtol=0, atol=1e-6, msg=key)
     assert all(not p.requires_grad for p in stage.ema.parameters())
     image = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(stage(image), stage.ema.module(image))
     assert "ema.module.output.weight" in stage.state_dict()
+
+
+def test_accumulated_micro_batches_give_the_ema_of_one_batch():
+    def trained(accumulation):
+        torch.manual_seed(0)
+        stage = RegressionStage(tiny_net(), torch.nn.L1Loss(), functools.partial(torch.optim.SGD, lr=0.5), ema_decay=0.6)
+        fit(stage, steps=3, data=tiny_data(batch=4), accumulate_grad_batches=accumulation)
+        return stage.net.state_dict(), stage.ema.module.state_dict()
+
+    raw_one, ema_one = trained(1)
+    raw_two, ema_two = trained(2)
+    for key in raw_one:
+        torch.testing.assert_close(raw_two[key], raw_one[key], rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(ema_two[key], ema_one[key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_non_finite_loss_stops_with_the_step_and_images():

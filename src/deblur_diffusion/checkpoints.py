@@ -17,6 +17,10 @@ from deblur_diffusion.errors import DeblurError
 # Where the official BasicSR-style files keep their weights, most preferred first.
 OFFICIAL_PARAM_KEYS = ("params_ema", "params")
 MAX_LISTED_KEYS = 8
+# The stage's EMA copy (``ema.module.*`` in a checkpoint) and, under this checkpoint key, the part
+# of the stage's ``net`` it averages ("" or absent: all of it).
+EMA_PREFIX = "ema.module."
+EMA_PART_KEY = "deblur_diffusion_ema_part"
 
 
 class CheckpointError(DeblurError):
@@ -37,31 +41,48 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def official_state_dict(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
-    """The weights of an official release file (``{'params': ...}`` or ``{'params_ema': ...}``, or
-    a bare state dict); ``params_ema`` when present unless ``ema=False``."""
+def official_weights(path: str | Path, ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of an official release file (``{'params': ...}`` and/or ``{'params_ema': ...}``,
+    or a bare state dict) and the key they were read from: ``params_ema`` when present unless
+    ``ema=False``, else ``params`` (``"state_dict"`` for a bare one)."""
     checkpoint = read_checkpoint(path)
     for key in OFFICIAL_PARAM_KEYS if ema else OFFICIAL_PARAM_KEYS[1:]:
         if key in checkpoint:
-            return checkpoint[key]
+            return checkpoint[key], key
     if all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
-        return checkpoint
-    raise CheckpointError(f"{path} has none of the keys {OFFICIAL_PARAM_KEYS} and is not a plain state dict")
+        return checkpoint, "state_dict"
+    raise CheckpointError(f"{path} has none of the keys {OFFICIAL_PARAM_KEYS[: 1 + ema]} and is not a plain state dict")
+
+
+def official_state_dict(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The weights of :func:`official_weights`, without the key."""
+    return official_weights(path, ema)[0]
+
+
+def stage_weights(checkpoint: dict, part: str, ema: bool, source: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """The weights of the stage's submodule ``part`` (``net``, ``net.transformer``...) in a loaded
+    Lightning checkpoint of this project, and whether EMA weights are among them: with ``ema``,
+    the EMA copy's weights replace the raw ones wherever it averaged them (a stage's frozen parts
+    are not in its EMA and come as trained, i.e. unchanged)."""
+    if "state_dict" not in checkpoint:
+        raise CheckpointError(f"{source} is not a Lightning checkpoint (no 'state_dict')")
+    state = dict(checkpoint["state_dict"])
+    averaged_part = ".".join(filter(None, ("net", checkpoint.get(EMA_PART_KEY, ""))))
+    averaged = {f"{averaged_part}.{key[len(EMA_PREFIX) :]}": value for key, value in state.items() if key.startswith(EMA_PREFIX)}
+    inside = part + "."
+    used_ema = ema and any(key.startswith(inside) for key in averaged)
+    if used_ema:
+        state.update(averaged)
+    selected = {key[len(inside) :]: value for key, value in state.items() if key.startswith(inside)}
+    if not selected:
+        raise CheckpointError(f"{source} has no weights under '{part}' (it holds {_listing(state)})")
+    return selected, used_ema
 
 
 def lightning_weights(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
     """The weights under ``prefix`` (e.g. ``net.transformer``) in a Lightning checkpoint of this
-    project, taken from the EMA copy (``ema.module.``) when the run kept one."""
-    checkpoint = read_checkpoint(path)
-    if "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    state = checkpoint["state_dict"]
-    ema_prefix = "ema.module" + prefix[len("net") :] if prefix == "net" or prefix.startswith("net.") else prefix
-    for candidate in (ema_prefix, prefix):
-        selected = {key[len(candidate) + 1 :]: value for key, value in state.items() if key.startswith(candidate + ".")}
-        if selected:
-            return selected
-    raise CheckpointError(f"{path} has no weights under '{prefix}' (it holds {_listing(state)})")
+    project, from the EMA copy where the run kept one."""
+    return stage_weights(read_checkpoint(path), prefix, ema=True, source=str(path))[0]
 
 
 def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

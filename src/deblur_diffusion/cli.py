@@ -89,12 +89,13 @@ def require_complete(cfg: DictConfig, unused: tuple[str, ...] = ()) -> None:
 def split_datamodule(cfg: DictConfig, split: str, **data_overrides):
     """The DataModule of ``cfg.data`` with only ``split`` built (the other splits may be incomplete
     or absent): how ``evaluate`` and ``generate_prior`` read pairs exactly as validation does.
-    ``data_overrides`` replace keys of ``cfg.data`` before its interpolations are resolved."""
+    ``data_overrides`` replace keys of ``cfg.data`` before its interpolations are resolved. The
+    training crop store (``data.prepared_dir``) is only opened for the train split."""
     if cfg.data.get(split) is None:
         raise ConfigError(f"the data config has no {split} split (data.{split} is null); try split=val")
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
-        cfg.data.merge_with(data_overrides)
+        cfg.data.merge_with(data_overrides if split == "train" else {"prepared_dir": None, **data_overrides})
     # Resolved first: a split may be an interpolation of another (GoPro's test is its val).
     resolved = OmegaConf.to_container(cfg.data, resolve=True)
     resolved.update({other: None for other in ("train", "val", "test") if other != split})
@@ -151,4 +152,4 @@ def restorer_from_config(cfg: DictConfig) -> Restorer:
     if cfg.get("seed") is not None and loaded.net.samples_noise:
         loaded.net.noise_seed = int(cfg.seed)
     inference = instantiate(cfg.inference)
-    return Restorer(loaded.net, inference, pick_device(cfg.device))
+    return Restorer(loaded.net, inference, pick_device(cfg.device), loaded.weights)

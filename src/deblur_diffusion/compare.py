@@ -3,13 +3,16 @@
 
 Each argument is an evaluation folder (holding ``per_image.csv``) or the CSV file itself. Images are
 matched by name; the table gives, per metric, the mean change and how many images improved or got
-worse, then the images whose PSNR changed most in each direction.
+worse, then the images whose PSNR changed most in each direction. Two evaluations scored with
+different protocols (or splits) are refused: their numbers are not comparable. The protocol is read
+from the ``summary.json`` beside each ``per_image.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -22,6 +25,9 @@ PER_IMAGE = "per_image.csv"
 # Metrics where a lower value is better.
 LOWER_IS_BETTER = ("mae", "lpips")
 RESTORED_METRICS = ("psnr", "ssim", "mae", "lpips")
+SUMMARY = "summary.json"
+# What two evaluations must share for their per-image numbers to be compared.
+SAME_IN_BOTH = ("protocol", "split", "prior_from_ground_truth")
 
 
 def read_per_image(path: Path) -> dict[str, dict[str, float]]:
@@ -37,8 +43,29 @@ def read_per_image(path: Path) -> dict[str, dict[str, float]]:
         return {row["name"]: {m: float(row[m]) for m in metrics} for row in reader}
 
 
+def read_settings(path: Path) -> dict:
+    """What an evaluation was scored with (:data:`SAME_IN_BOTH`), from the ``summary.json`` beside
+    its ``per_image.csv`` (empty when there is none: a CSV from elsewhere)."""
+    summary = (path if path.is_dir() else path.parent) / SUMMARY
+    if not summary.is_file():
+        return {}
+    try:
+        record = json.loads(summary.read_text())
+    except json.JSONDecodeError as error:
+        raise DeblurError(f"{summary} is not valid JSON ({error})") from error
+    return {key: record.get(key, False if key == "prior_from_ground_truth" else None) for key in SAME_IN_BOTH}
+
+
+def require_one_protocol(baseline: Path, candidate: Path) -> None:
+    before, after = read_settings(baseline), read_settings(candidate)
+    differing = [f"{key}: {before[key]!r} vs {after[key]!r}" for key in SAME_IN_BOTH if before and after and before[key] != after[key]]
+    if differing:
+        raise DeblurError(f"{baseline} and {candidate} were not scored alike ({'; '.join(differing)}): their numbers do not compare")
+
+
 def compare_runs(baseline: Path, candidate: Path, top: int = 5) -> Group:
     """A report of ``candidate`` against ``baseline`` (both as for :func:`read_per_image`)."""
+    require_one_protocol(Path(baseline), Path(candidate))
     before, after = read_per_image(Path(baseline)), read_per_image(Path(candidate))
     shared = sorted(set(before) & set(after))
     if not shared:

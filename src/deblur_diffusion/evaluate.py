@@ -8,6 +8,12 @@ overrides the data config's).
 Writes ``per_image.csv``, ``summary.json`` and ``summary.md`` (and with ``save_images=true`` the
 restored images, with the input's bit depth and file name) to the run folder and prints the table;
 ``compare_to=<another evaluation folder>`` then lists which images got better or worse.
+
+The "blurry input" row scores the image a reader of the paper's table would call the input: the
+blurry image, or for dual-pixel data DPDD's combined view (not one of the two views the model reads).
+
+A HI-Diff stage-one network computes its prior from the sharp image, so its output is not a
+restoration: it is refused unless ``score_with_ground_truth_prior=true``, and then every output says so.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ from deblur_diffusion.cli import config_dir, report_errors, require_complete, re
 from deblur_diffusion.compare import compare_runs
 from deblur_diffusion.data.datamodule import DeblurDataModule
 from deblur_diffusion.data.io import write_image
+from deblur_diffusion.data.patches import WholeImages
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.metrics import LPIPS, LPIPSUnavailableError
 from deblur_diffusion.protocols import Protocol, get_protocol
 
 IMAGE_CHANNELS = 3
+GROUND_TRUTH_PRIOR_NOTE = "NOT A RESTORATION: the network's prior was computed from the ground truth (HI-Diff stage one)"
+GROUND_TRUTH_PRIOR_COLUMN = "prior_from_ground_truth"
 
 
 def quantized(image: torch.Tensor, bit_depth: int) -> torch.Tensor:
@@ -73,8 +82,9 @@ def _formatted(metric: str, value: float) -> str:
     return f"{value:.2f}" if metric == "psnr" else f"{value:.4f}"
 
 
-def summary_table(summary: dict, protocol: Protocol, metrics: list[str], title: str) -> Table:
-    table = Table(title=title, caption=f"protocol {protocol.name}: {protocol.script}")
+def summary_table(summary: dict, protocol: Protocol, metrics: list[str], title: str, note: str = "") -> Table:
+    caption = f"protocol {protocol.name}: {protocol.script}" + (f"\n{note}" if note else "")
+    table = Table(title=title, caption=caption)
     table.add_column("group")
     table.add_column("images", justify="right")
     table.add_column("scored")
@@ -88,9 +98,10 @@ def summary_table(summary: dict, protocol: Protocol, metrics: list[str], title: 
     return table
 
 
-def markdown(summary: dict, protocol: Protocol, metrics: list[str]) -> str:
+def markdown(summary: dict, protocol: Protocol, metrics: list[str], note: str = "") -> str:
     header = ["group", "images", "scored", *[protocol.columns[m] for m in metrics], "PSNR gain (dB)"]
     lines = [
+        *([f"**{note}.**", ""] if note else []),
         f"Protocol `{protocol.name}`: {protocol.script}.",
         "",
         "| " + " | ".join(header) + " |",
@@ -117,6 +128,13 @@ def evaluate(cfg: DictConfig) -> dict:
     source = datamodule.pairs(cfg.split)
     protocol = resolve_protocol(cfg, datamodule, source)
     restorer = restorer_from_config(cfg)
+    if restorer.needs_sharp and not cfg.score_with_ground_truth_prior:
+        raise ConfigError(
+            f"{cfg.ckpt} is a HI-Diff stage-one network: its prior is computed from the sharp image, so its scores are not "
+            "a restoration's. Evaluate stage two (model=hidiff_s2), or set score_with_ground_truth_prior=true to score it "
+            "anyway, marked as such"
+        )
+    note = GROUND_TRUTH_PRIOR_NOTE if restorer.needs_sharp else ""
     if source.in_channels != restorer.input_channels:
         raise ConfigError(
             f"the model reads {restorer.input_channels} input channels but data.{cfg.split} gives {source.in_channels} "
@@ -129,24 +147,27 @@ def evaluate(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     rows = []
     loader = datamodule.evaluation_dataloader(cfg.split)
+    shown_input = blurry_input(cfg, datamodule, source)
     for batch in track(loader, total=len(source), description=f"evaluating {len(source)} images", console=console):
         index = int(batch["index"][0])
         blurry, target = batch["lq"], batch["gt"]
         restored = restorer.restore(blurry, target if restorer.needs_sharp else None).cpu()
+        blurry_image = shown_input(index, blurry)
         bit_depth = source.bit_depth(index)
         if protocol.eight_bit_only and bit_depth != 8:
             raise ConfigError(f"protocol {protocol.name} scores 8-bit images ({protocol.script}); {source.name(index)} is {bit_depth}-bit")
         scored = quantized(restored, bit_depth) if protocol.scores_saved_file else restored
         try:
             restored_row = protocol.score(scored, target, lpips)
-            input_row = protocol.score(blurry[:, :IMAGE_CHANNELS], target, lpips)
+            input_row = protocol.score(blurry_image, target, lpips)
         except LPIPSUnavailableError as reason:
             lpips, lpips_note = None, str(reason)
             restored_row = protocol.score(scored, target, None)
-            input_row = protocol.score(blurry[:, :IMAGE_CHANNELS], target, None)
+            input_row = protocol.score(blurry_image, target, None)
         rows.append(
             {"name": source.name(index), "group": protocol.groups(index, len(source)), **restored_row}
             | {f"input_{metric}": value for metric, value in input_row.items()}
+            | ({GROUND_TRUTH_PRIOR_COLUMN: True} if note else {})
         )
         if cfg.save_images:
             name = source.name(index) + source.file_suffix(index)
@@ -154,11 +175,11 @@ def evaluate(cfg: DictConfig) -> dict:
 
     metrics = [metric for metric in protocol.columns if all(metric in row for row in rows)]
     summary = summarise(rows, metrics)
-    write_results(output_dir, rows, summary, protocol, metrics, cfg, lpips_note)
+    write_results(output_dir, rows, summary, protocol, metrics, cfg, lpips_note, restorer.weights, note)
     lpips_line = [Text(f"LPIPS not reported: {lpips_note}", style="yellow")] if lpips_note else []
     show(
         console,
-        summary_table(summary, protocol, metrics, f"{source.describe()} ({cfg.split})"),
+        summary_table(summary, protocol, metrics, f"{source.describe()} ({cfg.split})", note),
         *lpips_line,
         f"Results: {output_dir}/summary.md, summary.json, per_image.csv",
     )
@@ -167,11 +188,37 @@ def evaluate(cfg: DictConfig) -> dict:
     return summary
 
 
+def blurry_input(cfg: DictConfig, datamodule: DeblurDataModule, source: PairSource):
+    """``(index, model input) -> the blurry image`` the "blurry input" row scores: the input's first
+    image (the blurry one; a prior follows it), or for dual-pixel data the combined view of the pair."""
+    if not datamodule.dual_pixel:
+        return lambda index, blurry: blurry[:, :IMAGE_CHANNELS]
+    combined_source = split_datamodule(
+        cfg, cfg.split, prior_dir=None, in_channels=IMAGE_CHANNELS, dual_pixel=False, **{cfg.split: {"views": ["c"]}}
+    ).pairs(cfg.split)
+    if [combined_source.name(i) for i in range(len(combined_source))] != [source.name(i) for i in range(len(source))]:
+        raise ConfigError(
+            f"the combined views of data.{cfg.split} are not the pairs of its dual-pixel views ({combined_source.describe()})"
+        )
+    combined = WholeImages(combined_source)
+    return lambda index, blurry: combined[index]["lq"][None]
+
+
 def write_results(
-    output_dir: Path, rows: list[dict], summary: dict, protocol: Protocol, metrics: list[str], cfg: DictConfig, lpips_note: str
+    output_dir: Path,
+    rows: list[dict],
+    summary: dict,
+    protocol: Protocol,
+    metrics: list[str],
+    cfg: DictConfig,
+    lpips_note: str,
+    weights: str,
+    note: str = "",
 ) -> None:
+    """per_image.csv, summary.json and summary.md; ``weights`` is what was loaded (``ema``, ``raw``,
+    an official file's key) and ``note`` marks scores that are not a restoration's."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    columns = ["name", "group", *metrics, *[f"input_{m}" for m in metrics]]
+    columns = ["name", "group", *metrics, *[f"input_{m}" for m in metrics], *([GROUND_TRUTH_PRIOR_COLUMN] if note else [])]
     with open(output_dir / "per_image.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -181,14 +228,17 @@ def write_results(
         "protocol_source": protocol.script,
         "columns": {m: protocol.columns[m] for m in metrics},
         "ckpt": OmegaConf.to_container(cfg.ckpt) if isinstance(cfg.ckpt, DictConfig) else str(cfg.ckpt),
-        "ema": bool(cfg.ema),
+        "weights": weights,
         "split": cfg.split,
         "inference": OmegaConf.to_container(cfg.inference, resolve=True),
         "summary": summary,
         "lpips_missing": lpips_note or None,
+        GROUND_TRUTH_PRIOR_COLUMN: bool(note),
     }
+    if note:
+        record["note"] = note
     (output_dir / "summary.json").write_text(json.dumps(record, indent=2))
-    (output_dir / "summary.md").write_text(markdown(summary, protocol, metrics))
+    (output_dir / "summary.md").write_text(markdown(summary, protocol, metrics, note))
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")

@@ -3,10 +3,18 @@
 
 For every blurry image of a data split (or of a folder), samples the prior with T DDIM steps from a
 fixed seed at the image's size and writes it as a 16-bit PNG named after the pair, with a
-``manifest.json`` recording the model, the prior, T and the seed. Consecutive images of one size
-are sampled ``batch_size`` at a time; every image of a batch gets the noise it would get alone, so
-the batch size changes the priors only by float32 rounding (about 1e-4). Priors already on disk are skipped, so an interrupted
-run resumes where it stopped.
+``manifest.json`` recording every setting a prior depends on (:func:`prior_settings`: the model's
+files by content digest, the prior, T, the seed, eta, the tiles and self-ensemble) and the priors written with
+them. Consecutive images of one size are sampled ``batch_size`` at a time; every image of a batch
+gets the noise it would get alone, so the batch size changes the priors only by float32 rounding
+(about 1e-4) and is not recorded.
+
+An interrupted run resumes where it stopped: the priors its manifest lists are kept, any other
+image of the folder is written again (each image file appears whole or not at all). A folder with
+prior images but no manifest, or a manifest of other settings, is refused: nothing vouches for them.
+
+Dual-pixel data is refused: the official ``generate_feature.py`` conditions on DPDD's combined view
+(``train/C``), which ``data=dpdd`` reads under the same pair names as ``data=dpdd_dual``.
 
 ``prior=official`` (default) is the released ``generate_feature.py``: the pretrained CompVis
 LDM-BSR (``ckpt`` = its ``model.ckpt``, ``ldm_config`` = its ``config.yaml``, EMA weights), the
@@ -17,6 +25,7 @@ tiles for large images. ``prior=paper_decoder`` is the paper text's decoded prio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -82,6 +91,68 @@ def write_manifest(path: Path, manifest: dict) -> None:
     os.replace(partial, path)
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content, or of every file of a folder (an export folder) with its name."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prior_settings(cfg: DictConfig, model: LatentPriorModel) -> dict:
+    """Everything a prior depends on, as the manifest records it (the keys of ``PRIOR_SETTINGS``):
+    the model's files by content (so that a renamed file is the same model and a replaced one is
+    not), the prior, T, the seed, eta, and the tiles and self-ensemble it is sampled with."""
+    if model.prior == "official":  # LDM's split-input tiles
+        inference = {"split_input": dict(model.split_input), "condition_multiple": model.condition_multiple}
+    else:
+        inference = {
+            "tile_above_pixels": int(cfg.tile_above_pixels),
+            **{key: cfg.inference[key] for key in ("tile_size", "stride", "blend")},
+        }
+    inference["self_ensemble"] = bool(cfg.inference.self_ensemble)
+    settings = {
+        "ckpt_sha256": file_digest(cfg.ckpt),
+        "ldm_config_sha256": file_digest(cfg.ldm_config) if cfg.ldm_config is not None else None,
+        "prior": model.prior,
+        "steps": int(cfg.steps),
+        "seed": int(cfg.seed),
+        "eta": model.eta,
+        "inference": inference,
+    }
+    return json.loads(json.dumps(settings))  # as read back from the manifest (tuples become lists)
+
+
+def vouched_priors(folder: Path, manifest_file: Path, settings: dict, names: list[str]) -> dict[str, str]:
+    """The priors of ``names`` already in ``folder`` that its manifest says were written with
+    ``settings``; refuses a folder whose prior images nothing vouches for."""
+    on_disk = [name for name in names if prior_path(folder, name).is_file()]
+    if not manifest_file.is_file():
+        if on_disk:
+            raise ConfigError(
+                f"{folder} holds {len(on_disk)} prior images (e.g. {prior_path(folder, on_disk[0]).name}) but no {PRIOR_MANIFEST}: "
+                "nothing says which settings made them. Delete them or choose another out="
+            )
+        return {}
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{manifest_file} is not valid JSON ({err}); delete it and the priors beside it") from err
+    previous = {key: manifest.get(key) for key in PRIOR_SETTINGS}
+    if previous != settings:
+        differing = [f"{key}: {previous[key]!r} -> {settings[key]!r}" for key in PRIOR_SETTINGS if previous[key] != settings[key]]
+        raise ConfigError(
+            f"{manifest_file} was written with other settings ({'; '.join(differing)}); use another out= or delete the folder"
+        )
+    listed = manifest.get("priors", {})
+    return {name: listed[name] for name in on_disk if name in listed}
+
+
 def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Tensor], Path]:
     """The names of the images to process, a loader of the blurry image by index, and the folder
     the priors go to."""
@@ -90,6 +161,12 @@ def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Ten
         if not files:
             raise ConfigError(f"input {cfg.input} is not a folder of images")
         return [f.stem for f in files], lambda index: to_tensor(read_image(files[index])), Path(cfg.out)
+    if cfg.data.get("dual_pixel"):
+        raise ConfigError(
+            "generate_prior conditions on DPDD's combined view, as the official generate_feature.py (train/C) does, "
+            "not on the dual-pixel views: run it with data=dpdd (the same pair names), then train with "
+            "data=dpdd_dual data.prior_dir=<out>"
+        )
     # The pairs as training and evaluation read them (views, bit depth), without the priors being written.
     source = split_datamodule(cfg, cfg.split, prior_dir=None).pairs(cfg.split)
     require_fixed_pairs(source)
@@ -117,21 +194,15 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
     tiled = instantiate(cfg.inference, mode="tiles")
 
     names, load_blurry, folder = blurry_images(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
     manifest_file = folder / PRIOR_MANIFEST
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {"priors": {}}
-    # The keys of PRIOR_SETTINGS, which prepared stores read back.
-    settings = dict(zip(PRIOR_SETTINGS, (str(cfg.ckpt), model.prior, int(cfg.steps), int(cfg.seed), model.eta), strict=True))
-    previous = {key: manifest.get(key) for key in PRIOR_SETTINGS}
-    if manifest["priors"] and previous != settings:
-        raise ConfigError(f"{manifest_file} was written with {previous}, not {settings}; use another out folder or delete it")
-    manifest.update(settings)
-    todo = []
-    for index, name in enumerate(names):
-        if prior_path(folder, name).is_file():
-            manifest["priors"][name] = prior_path(folder, name).name
-        else:
-            todo.append(index)
+    settings = prior_settings(cfg, model)
+    done = vouched_priors(folder, manifest_file, settings, names)
+    todo = [index for index, name in enumerate(names) if name not in done]
+    # Written before the first prior, so that the images of an interrupted first batch are known
+    # to come from these settings (and are written again on resume, as they are not listed).
+    manifest = {**settings, "ckpt": str(cfg.ckpt), "ldm_config": cfg.ldm_config, "priors": done}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(manifest_file, manifest)
     console = Console()
     # Workers read and decode the next images while the device samples the current batch.
     upcoming = DataLoader(_Blurry(load_blurry, todo), batch_size=None, num_workers=min(int(cfg.data.num_workers), len(todo)))

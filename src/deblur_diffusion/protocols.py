@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from deblur_diffusion.data.io import to_integer_image
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.metrics import (
     DPDD_TEST_SCENES,
@@ -54,8 +55,13 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    """An image already rounded to 8 bits, as the uint8 array the saved file holds."""
-    return np.rint(_hwc(image).astype(np.float64) * 255).astype(np.uint8)
+    """An image already rounded to 8 bits, as the uint8 array the saved file holds; an image outside
+    [0, 1] is refused (a file cannot hold it, and wrapping or clipping it would change the score)."""
+    array = _hwc(image)
+    low, high = float(array.min()), float(array.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"the MATLAB protocol scores the uint8 file of an image in [0, 1]; got values in [{low:g}, {high:g}]")
+    return to_integer_image(array, 8)
 
 
 def _score_standard(restored: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

@@ -28,9 +28,11 @@ class Restorer:
         net: the network (moved to ``device`` and set to eval mode).
         inference: whole-image or tiled inference, optional x8 self-ensemble.
         device: where to run.
+        weights: which weights ``net`` holds (``ema``, ``raw``, an official file's key), for records.
     """
 
-    def __init__(self, net: nn.Module, inference: Inference | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, net: nn.Module, inference: Inference | None = None, device: str | torch.device = "cpu", weights: str = ""):
+        self.weights = weights
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.inference = inference or Inference()
@@ -82,7 +84,7 @@ def load_pretrained(
     if inference is None:
         settings = {k: v for k, v in loaded.inference_config.items() if k != "_target_"}
         inference = Inference(**settings)
-    return Restorer(loaded.net, inference, device)
+    return Restorer(loaded.net, inference, device, loaded.weights)
 
 
 def pick_device(device: str) -> torch.device:

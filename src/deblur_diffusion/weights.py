@@ -10,7 +10,8 @@ Three kinds of weights load through :func:`load_network`:
   files (HI-Diff: ``net_g``, ``net_le_dm``, ``net_d``) take a mapping from the network's part to its
   file, e.g. ``{transformer: net_g.pth, condition_encoder: net_le_dm.pth, denoiser: net_d.pth}``.
 
-:func:`save_official` writes a network in that release format (the files its ``official_files`` names).
+:func:`save_official` writes a network in that release format (the files its ``official_files`` names,
+with ``params`` and, for a run with an EMA, ``params_ema``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 
-from deblur_diffusion.checkpoints import CheckpointError, lightning_weights, load_weights, official_state_dict, read_checkpoint
+from deblur_diffusion.checkpoints import (
+    CheckpointError,
+    lightning_weights,
+    load_weights,
+    official_state_dict,
+    official_weights,
+    read_checkpoint,
+    stage_weights,
+)
 from deblur_diffusion.models.interface import RestorationNetwork
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -34,12 +43,18 @@ EXPORT_CONFIG = "config.yaml"
 
 @dataclass
 class LoadedNetwork:
-    """A network ready for inference, with the config that builds it."""
+    """A network ready for inference, with the config that builds it.
+
+    ``weights`` says which weights were loaded: ``"ema"`` or ``"raw"`` (a checkpoint of this
+    package or an export of it), or the key of the official file (``params_ema``, ``params``;
+    one per file, comma-separated, for several files).
+    """
 
     net: nn.Module
     net_config: dict
     inference_config: dict = field(default_factory=dict)
     source: str = ""
+    weights: str = ""
 
 
 def _as_dict(config) -> dict:
@@ -61,11 +76,10 @@ def _lightning_network(path: Path, ema: bool) -> LoadedNetwork:
         raise CheckpointError(f"{path} is not a checkpoint written by deblur_diffusion.train (no saved config)")
     net_config = config["model"]["net"]
     net = _build(net_config, str(path))
-    state = checkpoint["state_dict"]
-    prefix = "ema.module." if ema and any(key.startswith("ema.module.") for key in state) else "net."
-    weights = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-    load_weights(net, weights, f"{path} ({prefix[:-1]})")
-    return LoadedNetwork(net, net_config, config.get("inference", {}), str(path))
+    weights, used_ema = stage_weights(checkpoint, "net", ema, str(path))
+    kind = "ema" if used_ema else "raw"
+    load_weights(net, weights, f"{path} ({kind} weights)")
+    return LoadedNetwork(net, net_config, config.get("inference", {}), str(path), kind)
 
 
 def _exported_network(path: Path) -> LoadedNetwork:
@@ -77,7 +91,7 @@ def _exported_network(path: Path) -> LoadedNetwork:
     config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
     net = _build(config["net"], str(config_file))
     load_weights(net, load_file(weights), str(weights))
-    return LoadedNetwork(net, config["net"], config.get("inference", {}), str(folder))
+    return LoadedNetwork(net, config["net"], config.get("inference", {}), str(folder), str(config.get("weights", "")))
 
 
 def _official_network(files: str | Path | Mapping[str, str], net_config: Mapping | None, ema: bool) -> LoadedNetwork:
@@ -88,13 +102,13 @@ def _official_network(files: str | Path | Mapping[str, str], net_config: Mapping
             "(on the command line: model=restormer|swintormer|hidiff_s2 and data=... for the channels)"
         )
     net = _build(net_config, source)
-    if isinstance(files, Mapping):
-        for part, file in files.items():
-            module = net.get_submodule(part) if part else net
-            load_weights(module, official_state_dict(file, ema), f"{file} (as {part})")
-    else:
-        load_weights(net, official_state_dict(files, ema), str(files))
-    return LoadedNetwork(net, _as_dict(net_config), {}, source)
+    keys = []
+    for part, file in files.items() if isinstance(files, Mapping) else [("", files)]:
+        module = net.get_submodule(part) if part else net
+        state, key = official_weights(file, ema)
+        load_weights(module, state, f"{file} ({key}{', as ' + part if part else ''})")
+        keys.append(key)
+    return LoadedNetwork(net, _as_dict(net_config), {}, source, ",".join(keys))
 
 
 def load_network(weights: str | Path | Mapping[str, str], net_config: Mapping | None = None, ema: bool = True) -> LoadedNetwork:
@@ -113,22 +127,30 @@ def load_network(weights: str | Path | Mapping[str, str], net_config: Mapping | 
     return _official_network(path, net_config, ema)
 
 
-def save_official(net: RestorationNetwork, out: str | Path) -> list[Path]:
-    """Writes ``net`` as the authors release it: one ``{'params': state_dict}`` ``.pth`` per part
-    named by ``net.official_files`` (``net_g.pth``; HI-Diff also ``net_le.pth`` or ``net_le_dm.pth``
-    and ``net_d.pth``), readable by the official test scripts and by :func:`load_network`."""
+def save_official(net: RestorationNetwork, out: str | Path, ema_net: RestorationNetwork | None = None) -> list[Path]:
+    """Writes ``net`` as the authors release it: one ``.pth`` per part named by ``net.official_files``
+    (``net_g.pth``; HI-Diff also ``net_le.pth`` or ``net_le_dm.pth`` and ``net_d.pth``), holding
+    ``{'params': raw weights}`` and, given the EMA copy ``ema_net``, ``'params_ema'`` too, as
+    BasicSR's ``save_network`` writes a run with an EMA; readable by the official test scripts and
+    by :func:`load_network` (which prefers ``params_ema``)."""
     if not net.official_files:
         raise CheckpointError(f"{type(net).__name__} has no official release format (its authors release other files)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for part, stem in net.official_files.items():
-        module = net.get_submodule(part) if part else net
-        state = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+        record = {"params": _cpu_state(net, part)}
+        if ema_net is not None:
+            record["params_ema"] = _cpu_state(ema_net, part)
         path = out / f"{stem}.pth"
-        torch.save({"params": state}, path)
+        torch.save(record, path)
         written.append(path)
     return written
+
+
+def _cpu_state(net: nn.Module, part: str) -> dict[str, torch.Tensor]:
+    module = net.get_submodule(part) if part else net
+    return {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
 
 
 @dataclass(frozen=True)
@@ -161,7 +183,9 @@ def warm_start(stage: nn.Module, sources: Sequence[PartWeights]) -> None:
 
             released = load_compvis_ldm(source.file, source.compvis_config, use_ema=True)
             load_weights(module, released.state_dict(), label)
-            module.alphas_cumprod.copy_(released.alphas_cumprod)
+            # Not copied: the buffer is not saved, so a resumed run gets the configured one.
+            if not torch.equal(module.alphas_cumprod.cpu(), released.alphas_cumprod):
+                raise CheckpointError(f"{label}: the configured noise schedule is not the released one ({source.compvis_config})")
         elif Path(source.file).is_dir() or not Path(source.file).suffix:  # a (diffusers) folder
             load_weights(module, _diffusers_weights(Path(source.file), source.key), label)
         elif Path(source.file).suffix == ".ckpt":

@@ -147,6 +147,9 @@ class PairedFiles(StoredPairSource):
             views.append(view)
         return PairPlanes(views, gt)
 
+    def sharpness_target(self, index: int) -> np.ndarray:
+        return read_image_raw(self.targets[index]) if self.read_8bit else self.load_planes(index).target
+
     def describe(self) -> str:
         read = ", read as 8-bit" if self.read_8bit else ""
         return f"{self.dataset}: {len(self)} pairs, {self.in_channels} input channels{read}"

@@ -11,6 +11,7 @@ as 8 bits (for PNG, the high byte of each value). Restormer's single-image DPDD 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -120,12 +121,24 @@ def to_integer_image(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
 
 
 def write_image(path: str | Path, image: np.ndarray, bit_depth: int = 8) -> Path:
-    """Writes a float RGB (H x W x 3) or gray (H x W) image in [0, 1] as an 8 or 16-bit file."""
+    """Writes a float RGB (H x W x 3) or gray (H x W) image in [0, 1] as an 8 or 16-bit file.
+
+    The file appears whole or not at all: it is encoded under a temporary name beside it and then
+    renamed, so a run killed mid-write never leaves a truncated image that a resumed run would skip.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = to_integer_image(image, bit_depth)
     if pixels.ndim == 3:
         pixels = np.ascontiguousarray(pixels[:, :, ::-1])
-    if not cv2.imwrite(str(path), pixels):
-        raise ImageReadError(f"cannot write image {path}: unsupported extension or unwritable folder")
+    ok, encoded = cv2.imencode(path.suffix, pixels) if path.suffix else (False, None)
+    if not ok:
+        raise ImageReadError(f"cannot write image {path}: unsupported extension {path.suffix!r}")
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        encoded.tofile(partial)
+        os.replace(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise ImageReadError(f"cannot write image {path}: {err.strerror or err}") from err
     return path

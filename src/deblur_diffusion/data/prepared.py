@@ -40,8 +40,10 @@ STORE_VERSION = 1
 ENCODINGS = ("raw", "png")
 MANIFEST = "manifest.json"
 LMDB_DIR = "crops.lmdb"
-# LMDB reserves address space, not disk: the file grows with what is written.
-_MAP_SIZE = 1 << 42
+# LMDB maps its file at a fixed size, reserving that much address space (not disk): the writer
+# starts at 1 GiB and doubles when a pair does not fit, so no terabyte map meets a cluster's
+# `ulimit -v`. Readers map the size the file records.
+INITIAL_MAP_SIZE = 1 << 30
 _PAIRS_DONE_KEY = b"__pairs_done__"
 # Restormer's generate_patches_dpdd.py: Sobel kernel sizes whose sharpness scores are multiplied.
 SHARPNESS_KERNEL_SIZES = (3, 7, 11, 15)
@@ -216,7 +218,7 @@ def prepare_store(
     if manifest["complete"]:
         return manifest
 
-    env = lmdb.open(str(store / LMDB_DIR), map_size=_MAP_SIZE, subdir=True)
+    env = lmdb.open(str(store / LMDB_DIR), map_size=INITIAL_MAP_SIZE, subdir=True)
     try:
         with env.begin() as txn:
             done = int(txn.get(_PAIRS_DONE_KEY, b"0"))
@@ -225,7 +227,13 @@ def prepare_store(
         pairs = range(done, len(source))
         for pair in progress(iter(pairs), len(pairs)) if progress else pairs:
             planes = source.load_planes(pair, np.random.default_rng(pair))
-            pair_records = _write_pair_crops(env, source, pair, planes, rule, encoding, len(records))
+            ranked = source.sharpness_target(pair) if rule.keep_sharpest < 1.0 else planes.target
+            while True:
+                try:
+                    pair_records = _write_pair_crops(env, source, pair, planes, ranked, rule, encoding, len(records))
+                    break
+                except lmdb.MapFullError:  # the transaction was aborted: nothing of the pair is written
+                    env.set_mapsize(2 * env.info()["map_size"])
             records += pair_records
             if manifest["planes"] is None:
                 manifest["planes"] = [{"channels": p.shape[2], "dtype": p.dtype.name} for p in (*planes.inputs, planes.target)]
@@ -239,13 +247,21 @@ def prepare_store(
 
 
 def _write_pair_crops(
-    env: lmdb.Environment, source: PairSource, pair: int, planes: PairPlanes, rule: CropRule, encoding: str, first: int
+    env: lmdb.Environment,
+    source: PairSource,
+    pair: int,
+    planes: PairPlanes,
+    ranked: np.ndarray,
+    rule: CropRule,
+    encoding: str,
+    first: int,
 ) -> list[list]:
-    """Writes one pair's kept crops and marks the pair done, in one transaction (all or nothing)."""
+    """Writes one pair's kept crops and marks the pair done, in one transaction (all or nothing).
+    ``ranked`` is the target whose crops are ranked by sharpness (:meth:`PairSource.sharpness_target`)."""
     height, width = planes.target.shape[:2]
     windows = rule.windows(height, width)
     cut = [planes.map(lambda plane, top=top, left=left: plane[top : top + rule.size, left : left + rule.size]) for top, left in windows]
-    kept = rule.kept([crop.target for crop in cut])
+    kept = rule.kept([ranked[top : top + rule.size, left : left + rule.size] for top, left in windows])
     records = []
     with env.begin(write=True) as txn:
         for (top, left), crop, keep in zip(windows, cut, kept, strict=True):

@@ -14,9 +14,11 @@ from deblur_diffusion.errors import ConfigError, DatasetLayoutError, ImageReadEr
 
 PRIOR_SUFFIX = ".png"
 IMAGE_CHANNELS = 3
-# generate_prior's record of a prior folder, and the settings in it that the priors depend on.
+# generate_prior's record of a prior folder, and the settings in it that the priors depend on
+# (generate_prior.prior_settings: the model's files by content digest, the prior, T, seed, eta,
+# and the inference: tiles and self-ensemble).
 PRIOR_MANIFEST = "manifest.json"
-PRIOR_SETTINGS = ("ckpt", "prior", "steps", "seed", "eta")
+PRIOR_SETTINGS = ("ckpt_sha256", "ldm_config_sha256", "prior", "steps", "seed", "eta", "inference")
 
 
 def prior_path(prior_dir: str | Path, name: str) -> Path:
@@ -70,6 +72,9 @@ class WithPrior(StoredPairSource):
                 f"prior {path} is {prior.shape[1]}x{prior.shape[0]} but its pair is {planes.target.shape[1]}x{planes.target.shape[0]}"
             )
         return PairPlanes([*planes.inputs, prior], planes.target)
+
+    def sharpness_target(self, index: int):
+        return self.source.sharpness_target(index)
 
     def describe(self) -> str:
         return f"{self.source.describe()} + priors from {self.prior_dir}"

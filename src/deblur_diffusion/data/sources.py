@@ -65,6 +65,11 @@ class PairSource(ABC):
         lq, gt = self.load(index, rng)
         return PairPlanes([lq], gt)
 
+    def sharpness_target(self, index: int) -> np.ndarray:
+        """The target as the official crop scripts rank crop sharpness on it: at its stored bit
+        depth, whatever ``read_8bit`` (``generate_patches_dpdd.py`` reads ``cv2.imread(path, -1)``)."""
+        return self.load_planes(index, np.random.default_rng(index)).target
+
     def describe(self) -> str:
         return f"{type(self).__name__} with {len(self)} pairs"
 

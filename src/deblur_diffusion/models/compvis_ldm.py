@@ -12,13 +12,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import UNet2DModel, VQModel
 from omegaconf import OmegaConf
 
 from deblur_diffusion.checkpoints import CheckpointError, load_weights
-from deblur_diffusion.models.latent_prior import LatentPriorModel
+from deblur_diffusion.models.latent_prior import LatentPriorModel, sqrt_linear_alphas_cumprod
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
@@ -256,13 +255,9 @@ def ema_name(name: str) -> str:
 
 
 def ldm_alphas_cumprod(params: dict) -> torch.Tensor:
-    """``alphas_cumprod`` as LatentDiffusion registers it: float64 schedule cast to float32."""
+    """``alphas_cumprod`` as LatentDiffusion registers it from its config's "linear" schedule."""
     _require(params.get("beta_schedule", "linear") == "linear", "a beta schedule other than linear")
-    steps = params.get("timesteps", 1000)
-    start, end = params.get("linear_start", 1e-4), params.get("linear_end", 2e-2)
-    # LDM's "linear" schedule is linear in sqrt(beta).
-    betas = np.linspace(start**0.5, end**0.5, steps, dtype=np.float64) ** 2
-    return torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
+    return sqrt_linear_alphas_cumprod(params.get("timesteps", 1000), params.get("linear_start", 1e-4), params.get("linear_end", 2e-2))
 
 
 def load_compvis_ldm(checkpoint: str | Path, config: str | Path, use_ema: bool = True):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel, VQModel
@@ -42,6 +43,14 @@ OFFICIAL_SPLIT_INPUT = {"ks": (128, 128), "stride": (64, 64), "clip_min_weight":
 
 def to_model_range(image: torch.Tensor) -> torch.Tensor:
     return image * 2 - 1
+
+
+def sqrt_linear_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """alpha-bar of LDM's "linear" schedule (linear in sqrt(beta), diffusers' ``scaled_linear``) as
+    LatentDiffusion registers it: computed in float64, then cast (diffusers' float32 one is ~6e-7 off)."""
+    # NumPy's linspace, as ldm/modules/diffusionmodules/util.py make_beta_schedule.
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    return torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
 
 
 def to_image_range(values: torch.Tensor) -> torch.Tensor:
@@ -65,7 +74,9 @@ class LatentPriorModel(RestorationNetwork):
             same prior. The images of a batch share every draw (the starting latent, as the
             official script, and each step's noise), so an image's prior depends on the batch it is
             sampled in only by float32 rounding. ``None`` uses the global generator.
-        alphas_cumprod: the schedule's alpha-bar as the LDM code registers it (float64, cast).
+        alphas_cumprod: the schedule's alpha-bar; by default, for ``scaled_linear``, as the LDM code
+            registers it (:func:`sqrt_linear_alphas_cumprod`), so that a model built from its config
+            (a resumed run) samples as the loaded release does.
         scale_factor: LDM's latent scale (1 for LDM-BSR).
         prior: ``"official"`` or ``"paper_decoder"`` (see the module docstring): what ``forward`` returns.
         split_input: LDM's split-input settings for the official prior (latent tiles ``ks`` every
@@ -108,8 +119,9 @@ class LatentPriorModel(RestorationNetwork):
         self.sampling_steps = sampling_steps
         self.eta = eta
         self.noise_seed = noise_seed
-        # LDM registers alphas_cumprod from a float64 schedule (diffusers' float32 cumprod is ~6e-7 off).
-        if alphas_cumprod is None:
+        if alphas_cumprod is None and beta_schedule == "scaled_linear":
+            alphas_cumprod = sqrt_linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
+        elif alphas_cumprod is None:
             alphas_cumprod = self.sampler.alphas_cumprod.clone()
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.scale_factor = scale_factor

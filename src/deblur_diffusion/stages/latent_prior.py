@@ -160,6 +160,16 @@ class PriorFusedStage(RegressionStage):
         Other arguments as :class:`RegressionStage`.
     """
 
+    # The EMA averages the restoration network only: the prior model is frozen (~169 M parameters
+    # for the released LDM-BSR), and a copy of it would double every checkpoint.
+    ema_part = "net"
+
+    @property
+    def inference_net(self) -> nn.Module:
+        if self.ema is None:
+            return self.net
+        return PriorFusedNet(self.net.prior, self.ema.module)
+
     @staticmethod
     def modules_to_compile(net: PriorFusedNet) -> list[nn.Module]:
         # The restoration network, and the prior's UNet and decoder inside its sampling loop.
