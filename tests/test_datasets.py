@@ -1,3 +1,4 @@
+import itertools
 from pathlib import Path
 
 import cv2
@@ -281,3 +282,33 @@ def test_the_readme_data_overrides_compose(tmp_path, rng):
         write_png(tmp_path / "GoPro" / "train" / "scene" / "sharp" / f"{name}.png", random_pixels(rng, 16, 16))
     assert len(instantiate(gamma["train"])) == 2
     assert compose_data(tmp_path, "data=hide")["test"]["_target_"].endswith("HIDE")
+
+
+def test_a_validation_split_held_out_of_the_training_pairs(tmp_path, rng):
+    from conftest import compose_config
+
+    from deblur_diffusion.cli import split_datamodule
+    from deblur_diffusion.data import DeblurDataModule, FolderPairs
+
+    for folder in ("input", "target"):
+        (tmp_path / folder).mkdir()
+        for index in range(10):
+            cv2.imwrite(str(tmp_path / folder / f"{index:02d}.png"), (rng.random((16, 16, 3)) * 255).astype(np.uint8))
+    pairs = FolderPairs(tmp_path / "input", tmp_path / "target")
+    data = DeblurDataModule(train=pairs, val_fraction=0.2, seed=3, patch_schedule=[[0, 16, 2]], num_workers=0)
+    train, val = data.pairs("train"), data.pairs("val")
+    train_names = {train.name(i) for i in range(len(train))}
+    val_names = [val.name(i) for i in range(len(val))]
+    assert len(val_names) == 2 and len(train_names) == 8
+    assert train_names.isdisjoint(val_names) and train_names | set(val_names) == {f"{i:02d}" for i in range(10)}
+    again = DeblurDataModule(train=pairs, val_fraction=0.2, seed=3, patch_schedule=[[0, 16, 2]], num_workers=0).pairs("val")
+    assert [again.name(i) for i in range(len(again))] == val_names
+    assert [batch["name"][0] for batch in data.val_dataloader()] == val_names
+    trained_on = {name for batch in itertools.islice(data.train_dataloader(), 20) for name in batch["name"]}
+    assert trained_on <= train_names
+    assert train.provenance() != pairs.provenance()
+    # evaluate split=val scores the same held-out pairs.
+    overrides = ["ckpt=x", "data=folder", f"data.train.input_dir={tmp_path}/input", f"data.train.target_dir={tmp_path}/target"]
+    cfg = compose_config("evaluate", tmp_path, *overrides, "data.val=null", "data.val_fraction=0.2", "data.seed=3", "split=val")
+    held_out = split_datamodule(cfg, "val").pairs("val")
+    assert [held_out.name(i) for i in range(len(held_out))] == val_names

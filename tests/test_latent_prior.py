@@ -314,3 +314,30 @@ def test_missing_priors_are_named(tmp_path):
     )
     assert result.returncode == 1
     assert re.search(r"priors/(train|val) does not exist; write it with python -m deblur_diffusion.generate_prior", result.stderr)
+
+
+@pytest.mark.parametrize("size", [(40, 52), (100, 120), (128, 200)])
+def test_the_official_prior_pads_its_condition_as_generate_feature_py(size, monkeypatch):
+    # generate_feature.py's get_cond: the [0, 1] image padded at the bottom and right to a multiple
+    # of 128 (check_image_size(c, 16): 16 * 8), by reflection, or with zeros when a side is too
+    # short to reflect (its except branch), and only then mapped to [-1, 1].
+    import torch.nn.functional as F
+
+    model = tiny_model(prior="official").eval()
+    blurry = torch.rand(1, 3, *size)
+    height, width = size
+    official_pad = (0, (128 - width % 128) % 128, 0, (128 - height % 128) % 128)
+    try:
+        padded = F.pad(blurry, official_pad, "reflect")
+    except RuntimeError:
+        padded = F.pad(blurry, official_pad, "constant")
+    expected = 2.0 * padded - 1.0
+    conditions = []
+
+    def capture(condition, *args, **kwargs):
+        conditions.append(condition)
+        return torch.zeros(condition.shape[0], 3, *condition.shape[-2:])
+
+    monkeypatch.setattr(model, "sample", capture)
+    model(blurry)
+    torch.testing.assert_close(conditions[0], expected, rtol=0, atol=1e-6)

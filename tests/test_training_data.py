@@ -98,3 +98,18 @@ def test_two_ranks_receive_different_pixels_and_random_states():
 def test_a_training_set_smaller_than_a_batch_stops_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"data.train has 4 pairs, fewer than one micro-batch step needs: 8"):
         run(tmp_path, "small", "data.train.length=4", "data.patch_schedule=[[0,16,8]]", "trainer.max_steps=2")
+
+
+def test_a_run_resumed_between_accumulated_steps_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    accumulated = ["trainer.accumulate_grad_batches=2", "model.ema_decay=0.9"]
+    uninterrupted = run(tmp_path, "whole", "trainer.max_steps=6", *accumulated)
+    assert [r["step"] for r in uninterrupted] == [step for step in range(6) for _ in range(2)]  # two micro-batches a step
+    run(tmp_path, "first", "trainer.max_steps=3", *accumulated)
+    resumed = run(tmp_path, "second", "trainer.max_steps=6", *accumulated, f"ckpt_path={tmp_path}/first/ckpt/last.ckpt")
+    assert resumed == uninterrupted[6:]
+    final = {name: torch.load(tmp_path / name / "ckpt" / "last.ckpt", weights_only=True) for name in ("whole", "second")}
+    assert final["whole"]["global_step"] == final["second"]["global_step"] == 6
+    weights = {name: checkpoint["state_dict"] for name, checkpoint in final.items()}
+    assert any(key.startswith("ema.module.") for key in weights["whole"])
+    assert weights["whole"].keys() == weights["second"].keys()
+    assert all(torch.equal(weights["whole"][key], weights["second"][key]) for key in weights["whole"])

@@ -73,6 +73,14 @@ def config_dir() -> str:
     return str(candidate)
 
 
+def unused_data_splits(cfg: DictConfig, split: str) -> tuple[str, ...]:
+    """The ``data.<split>.`` key prefixes an entry point that reads one split does not read (for
+    :func:`require_complete`): the others, but the training pairs when validation is held out of them."""
+    held_out = split == "val" and cfg.data.get("val_fraction") is not None
+    read = {"train"} if held_out else {split}
+    return tuple(f"data.{other}." for other in ("train", "val", "test") if other not in read)
+
+
 def require_complete(cfg: DictConfig, unused: tuple[str, ...] = ()) -> None:
     """Raises ConfigError naming every mandatory value (``???``) left unset, except under the
     ``unused`` key prefixes (parts of the config the entry point does not read)."""
@@ -91,14 +99,19 @@ def split_datamodule(cfg: DictConfig, split: str, **data_overrides):
     or absent): how ``evaluate`` and ``generate_prior`` read pairs exactly as validation does.
     ``data_overrides`` replace keys of ``cfg.data`` before its interpolations are resolved. The
     training crop store (``data.prepared_dir``) is only opened for the train split."""
-    if cfg.data.get(split) is None:
+    held_out = split == "val" and cfg.data.get("val_fraction") is not None
+    if cfg.data.get(split) is None and not held_out:
         raise ConfigError(f"the data config has no {split} split (data.{split} is null); try split=val")
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.data.merge_with(data_overrides if split == "train" else {"prepared_dir": None, **data_overrides})
     # Resolved first: a split may be an interpolation of another (GoPro's test is its val).
     resolved = OmegaConf.to_container(cfg.data, resolve=True)
-    resolved.update({other: None for other in ("train", "val", "test") if other != split})
+    # A validation split held out of the training pairs needs them.
+    needed = {split, "train"} if held_out else {split}
+    resolved.update({other: None for other in ("train", "val", "test") if other not in needed})
+    if "train" not in needed:
+        resolved["val_fraction"] = None
     return instantiate(OmegaConf.create(resolved))
 
 

@@ -31,7 +31,15 @@ from rich.progress import track
 from rich.table import Table
 from rich.text import Text
 
-from deblur_diffusion.cli import config_dir, report_errors, require_complete, restorer_from_config, show, split_datamodule
+from deblur_diffusion.cli import (
+    config_dir,
+    report_errors,
+    require_complete,
+    restorer_from_config,
+    show,
+    split_datamodule,
+    unused_data_splits,
+)
 from deblur_diffusion.compare import compare_runs
 from deblur_diffusion.data.datamodule import DeblurDataModule
 from deblur_diffusion.data.io import write_image
@@ -120,7 +128,7 @@ def markdown(summary: dict, protocol: Protocol, metrics: list[str], note: str = 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Runs the evaluation of ``cfg``; returns the summary (also written to ``cfg.output_dir``)."""
-    require_complete(cfg, unused=("model.", *(f"data.{split}." for split in ("train", "val", "test") if split != cfg.split)))
+    require_complete(cfg, unused=("model.", *unused_data_splits(cfg, cfg.split)))
     torch.manual_seed(cfg.seed)
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split must be test or val, got {cfg.split!r}")

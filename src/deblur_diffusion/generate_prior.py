@@ -167,8 +167,10 @@ def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Ten
             "not on the dual-pixel views: run it with data=dpdd (the same pair names), then train with "
             "data=dpdd_dual data.prior_dir=<out>"
         )
-    # The pairs as training and evaluation read them (views, bit depth), without the priors being written.
-    source = split_datamodule(cfg, cfg.split, prior_dir=None).pairs(cfg.split)
+    # The pairs as training and evaluation read them (views, bit depth), without the priors being
+    # written; all training pairs, those a val_fraction holds out included (their priors are read
+    # from prior_dir/train).
+    source = split_datamodule(cfg, cfg.split, prior_dir=None, val_fraction=None).pairs(cfg.split)
     require_fixed_pairs(source)
     pairs = WholeImages(source)
     names = [source.name(index) for index in range(len(source))]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -15,9 +16,27 @@ from deblur_diffusion.data.patches import TrainPatches, WholeImages
 from deblur_diffusion.data.prepared import CropRule, PreparedCrops, source_settings
 from deblur_diffusion.data.priors import WithPrior
 from deblur_diffusion.data.schedule import ProgressiveSchedule, StepBatchSampler
-from deblur_diffusion.data.sources import PairSource
+from deblur_diffusion.data.sources import PairSource, PairSubset
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.protocols import get_protocol
+
+
+def held_out_split(train: PairSource | None, fraction: float, seed: int) -> tuple[PairSubset, PairSubset]:
+    """(training pairs left, held-out validation pairs): ``round(fraction * n)`` pairs (at least one)
+    drawn with ``seed``, each side in the source's order."""
+    if train is None:
+        raise ConfigError("data.val_fraction holds pairs of data.train out, but data.train is null")
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {fraction}")
+    count = len(train)
+    held = max(1, round(fraction * count))
+    if held >= count:
+        raise ConfigError(f"data.val_fraction={fraction} of {count} training pairs leaves none to train on")
+    chosen = set(np.random.default_rng(seed).permutation(count)[:held].tolist())
+    return (
+        PairSubset(train, [i for i in range(count) if i not in chosen], f"training pairs left by val_fraction={fraction}"),
+        PairSubset(train, sorted(chosen), f"validation pairs held out by val_fraction={fraction}"),
+    )
 
 
 class ShardSampler(Sampler[int]):
@@ -74,6 +93,12 @@ class DeblurDataModule(L.LightningDataModule):
         prepared_dir: train from the crops prepared into this store instead of the whole images;
             the store must have been made from the configured training set with ``crops`` (checked).
             With ``train: null`` the store is used unchecked (a machine without the original files).
+        val_fraction: hold this fraction of the training pairs out as the validation split, in place
+            of ``val`` (None: off). For GoPro, HIDE and RealBlur, whose official "val" is the test
+            set, it lets a run select checkpoints without the test set. The pairs are drawn with
+            ``seed`` (the same ones every run), one by one: frames of one scene may fall on both sides.
+            Priors of held-out pairs come from ``prior_dir/train``; a store must be prepared with
+            the same ``val_fraction`` (it holds the training pairs left).
     """
 
     def __init__(
@@ -94,6 +119,7 @@ class DeblurDataModule(L.LightningDataModule):
         repeat_small_dataset: bool = False,
         crops: dict | None = None,
         prepared_dir: str | None = None,
+        val_fraction: float | None = None,
     ):
         super().__init__()
         self.protocol = get_protocol(protocol).name
@@ -103,6 +129,8 @@ class DeblurDataModule(L.LightningDataModule):
             self.sources = {
                 split: None if source is None else WithPrior(source, Path(prior_dir) / split) for split, source in self.sources.items()
             }
+        if val_fraction is not None:
+            self.sources["train"], self.sources["val"] = held_out_split(self.sources["train"], val_fraction, seed)
         if prepared_dir is not None:
             train_source = self.sources["train"]
             expected = None if train_source is None else source_settings(train_source, self.crop_rule)

@@ -314,6 +314,7 @@ class PreparedCrops(StoredPairSource):
         self.records = manifest["crops"]
         if not self.records:
             raise DatasetLayoutError(f"prepared store {self.store} holds no crops")
+        self._env = None
         self._txn = None
         self._pid = None
 
@@ -328,10 +329,15 @@ class PreparedCrops(StoredPairSource):
 
     def _transaction(self) -> lmdb.Transaction:
         # One read-only transaction per process, opened after the data workers fork; its buffers
-        # point into LMDB's memory map and stay valid while it lives.
+        # point into LMDB's memory map and stay valid while it lives. A worker forked after the
+        # parent read the store inherits the parent's environment, which LMDB forbids using and
+        # py-lmdb refuses to open twice: the worker closes its copy first (the parent's is untouched).
         if self._pid != os.getpid():
-            env = lmdb.open(str(self.store / LMDB_DIR), readonly=True, lock=False, readahead=False, meminit=False)
-            self._txn = env.begin(buffers=True)
+            if self._env is not None:
+                self._txn = None
+                self._env.close()
+            self._env = lmdb.open(str(self.store / LMDB_DIR), readonly=True, lock=False, readahead=False, meminit=False)
+            self._txn = self._env.begin(buffers=True)
             self._pid = os.getpid()
         return self._txn
 
@@ -355,4 +361,4 @@ class PreparedCrops(StoredPairSource):
 
     def __getstate__(self) -> dict:
         # Data workers open their own transaction.
-        return {**self.__dict__, "_txn": None, "_pid": None}
+        return {**self.__dict__, "_env": None, "_txn": None, "_pid": None}

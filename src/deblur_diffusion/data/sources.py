@@ -13,6 +13,7 @@ converted to float.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -104,3 +105,49 @@ class StoredPairSource(PairSource):
 
     def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         return self.load_planes(index, rng).to_float()
+
+
+class PairSubset(PairSource):
+    """Some pairs of another source, in their order (a held-out validation split and the training
+    pairs left; see ``DeblurDataModule(val_fraction=...)``)."""
+
+    def __init__(self, source: PairSource, indices: list[int], role: str):
+        self.source = source
+        self.indices = list(indices)
+        self.role = role
+        self.in_channels = source.in_channels
+        self.read_8bit = source.read_8bit
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def name(self, index: int) -> str:
+        return self.source.name(self.indices[index])
+
+    def load(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return self.source.load(self.indices[index], rng)
+
+    def load_planes(self, index: int, rng: np.random.Generator | None = None) -> PairPlanes:
+        return self.source.load_planes(self.indices[index], rng)
+
+    def sharpness_target(self, index: int) -> np.ndarray:
+        return self.source.sharpness_target(self.indices[index])
+
+    def bit_depth(self, index: int) -> int:
+        return self.source.bit_depth(self.indices[index])
+
+    def files(self, index: int) -> list[Path]:
+        return self.source.files(self.indices[index])
+
+    def file_suffix(self, index: int) -> str:
+        return self.source.file_suffix(self.indices[index])
+
+    def verify(self) -> None:
+        self.source.verify()
+
+    def describe(self) -> str:
+        return f"{self.source.describe()}, {self.role}: {len(self)} of its pairs"
+
+    def provenance(self) -> dict:
+        indices = ",".join(str(index) for index in self.indices)
+        return {**self.source.provenance(), "subset": self.role, "subset_sha1": hashlib.sha1(indices.encode()).hexdigest()}
