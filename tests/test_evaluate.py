@@ -161,8 +161,41 @@ def test_a_file_of_another_architecture_is_named_by_its_keys(parity_dir):
     config = {"_target_": "deblur_diffusion.models.Restormer", **TINY_RESTORMER_KWARGS}
     with pytest.raises(CheckpointError, match=r"net_g\.pth \(params\) does not fit Restormer: missing .* keys: .*unexpected"):
         load_network(parity_dir / "swintormer" / "net_g.pth", config)
-    with pytest.raises(CheckpointError, match="carry no architecture"):
-        load_network(parity_dir / "restormer" / "net_g.pth")
+    with pytest.raises(CheckpointError, match="several files is not read off its weights"):
+        load_network({"transformer": parity_dir / "hidiff" / "net_g.pth"})
+
+
+# The window, which no weight holds, is the one argument a released Swintormer file needs besides
+# itself when it is not the released 16.
+NOT_IN_WEIGHTS = {"restormer": None, "restormer_dual_pixel": None, "swintormer": {"window_size": 4}}
+
+
+@pytest.mark.parametrize("name", list(NOT_IN_WEIGHTS))
+def test_an_official_file_loads_with_no_config_and_reproduces_the_official_outputs(parity_dir, name):
+    folder = parity_dir / name
+    official_kwargs = json.loads((folder / "config.json").read_text())["kwargs"]
+    loaded = load_network(folder / "net_g.pth", NOT_IN_WEIGHTS[name])
+    read = {key: value for key, value in loaded.net_config.items() if key != "_target_"}
+    assert {key: read[key] for key in official_kwargs} == official_kwargs
+    lq = torch.load(folder / "inputs.pt", weights_only=True)["lq"]
+    expected = torch.load(folder / "outputs.pt", weights_only=True)["out"]
+    with torch.no_grad():
+        assert (loaded.net.eval()(lq) - expected).abs().max().item() < 1e-5
+    restored = load_pretrained(folder / "net_g.pth", NOT_IN_WEIGHTS[name]).restore(lq)
+    assert (restored - expected.clamp(0, 1)).abs().max().item() < 1e-5
+
+
+def test_weights_of_no_known_architecture_are_named_with_what_was_recognised(tmp_path, parity_dir):
+    torch.save({"params": {"conv.weight": torch.zeros(4, 3, 3, 3)}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"other.pth matches no known architecture .* 1 tensors, e.g. conv.weight"):
+        load_network(tmp_path / "other.pth")
+    state = torch.load(parity_dir / "restormer" / "net_g.pth", weights_only=True)["params"]
+    del state["latent.0.attn.temperature"]
+    torch.save({"params": state}, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"looks like a Restormer .* has no 'latent.0.attn.temperature'"):
+        load_network(tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"\['window'\] are not arguments of the Swintormer"):
+        load_network(parity_dir / "swintormer" / "net_g.pth", {"window": 4})
 
 
 def tiny_official_file(tmp_path):

@@ -175,7 +175,11 @@ def test_prepare_cli_then_training_from_the_store(tmp_path):
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "16 prepared crops" in trained.stdout
     refused = run_cli("train", *from_store, "data.crops.stride=8", f"paths.output_dir={tmp_path / 'refused'}", cwd=tmp_path)
-    assert refused.returncode == 1 and "stride" in refused.stderr
+    assert (
+        refused.returncode == 1
+        and "crops: store {'size': 32, 'stride': 16" in refused.stderr
+        and "requested {'size': 32, 'stride': 8" in refused.stderr
+    )
 
 
 def test_the_batch_table_points_folder_training_to_the_store(tmp_path, rng):
@@ -218,7 +222,7 @@ def test_a_store_follows_its_priors_when_they_move_but_not_when_they_change(tmp_
     source.prior_dir.rename(moved)
     DeblurDataModule(train=WithPrior(source.source, moved), **options)
     (moved / "manifest.json").write_text(json.dumps(manifest | {"steps": 20}))
-    with pytest.raises(ConfigError, match="priors"):
+    with pytest.raises(ConfigError, match=r"priors: store \{.*'steps': 50.*\}, requested \{.*'steps': 20"):
         DeblurDataModule(train=WithPrior(source.source, moved), **options)
 
 
@@ -231,7 +235,9 @@ def test_a_store_refuses_another_view_order_and_priors_without_a_manifest_that_m
         DeblurDataModule(train=swapped, **options)
     moved = tmp_path / "priors_elsewhere"
     source.prior_dir.rename(moved)  # no generate_prior manifest: identified by its folder
-    with pytest.raises(ConfigError, match="priors"):
+    with pytest.raises(
+        ConfigError, match=r"priors: store \{'folder': '[^']*/priors/train'\}, requested \{'folder': '[^']*/priors_elsewhere'"
+    ):
         DeblurDataModule(train=WithPrior(source.source, moved), **options)
     with pytest.raises(DatasetLayoutError, match="prior folder .* does not exist"):
         DeblurDataModule(train=source, **options)

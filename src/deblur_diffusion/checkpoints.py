@@ -27,6 +27,14 @@ class CheckpointError(DeblurError):
     """A checkpoint is missing, unreadable or does not fit the model."""
 
 
+def unreadable(path: str | Path, error: Exception) -> CheckpointError:
+    """The error for a file ``torch.load(..., weights_only=True)`` refused. Only torch's first line
+    is kept: the rest advises loading with ``weights_only=False``, i.e. running whatever code the
+    file holds, which this package never does."""
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip() and "weights_only" not in line), type(error).__name__)
+    return CheckpointError(f"{path} is not a checkpoint of this package or an official release ({reason})")
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The whole checkpoint dictionary (weights only, no pickled code)."""
     path = Path(path)
@@ -35,7 +43,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        raise unreadable(path, error) from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a dictionary of weights")
     return checkpoint
@@ -75,7 +83,7 @@ def stage_weights(checkpoint: dict, part: str, ema: bool, source: str) -> tuple[
         state.update(averaged)
     selected = {key[len(inside) :]: value for key, value in state.items() if key.startswith(inside)}
     if not selected:
-        raise CheckpointError(f"{source} has no weights under '{part}' (it holds {_listing(state)})")
+        raise CheckpointError(f"{source} has no weights under '{part}' (it holds {listing(state)})")
     return selected, used_ema
 
 
@@ -98,18 +106,18 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: s
     if missing or unexpected or wrong_shape:
         problems = []
         if missing:
-            problems.append(f"missing {_listing(missing)}")
+            problems.append(f"missing {listing(missing)}")
         if unexpected:
-            problems.append(f"unexpected {_listing(unexpected)}")
+            problems.append(f"unexpected {listing(unexpected)}")
         if wrong_shape:
-            problems.append(f"wrong shape {_listing(wrong_shape)}")
+            problems.append(f"wrong shape {listing(wrong_shape)}")
         raise CheckpointError(
             f"{source} does not fit {type(module).__name__}: " + "; ".join(problems) + ". Is it the same architecture and configuration?"
         )
     module.load_state_dict(state)
 
 
-def _listing(keys) -> str:
+def listing(keys) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:MAX_LISTED_KEYS])
     return f"{len(keys)} keys: {shown}" + (", ..." if len(keys) > MAX_LISTED_KEYS else "")

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from rich.console import Console
 from rich.table import Table
 
-from deblur_diffusion.cli import config_dir, pass_lightning_messages_to_run_log, report_errors, require_complete, show
+from deblur_diffusion.checkpoints import CheckpointError
+from deblur_diffusion.cli import RUN_LOG, config_dir, pass_lightning_messages_to_run_log, report_errors, require_complete, show
 from deblur_diffusion.errors import ConfigError
 
 
@@ -88,10 +89,14 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist (the checkpoint to resume from)")
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     if not cfg.get("ckpt_path"):
-        model.warm_start()
+        for note in model.warm_start():
+            Console().print(f"[yellow]init_ckpt[/]: {note}", highlight=False)
+            RUN_LOG.info("init_ckpt: %s", note)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))

@@ -5,10 +5,13 @@ Three kinds of weights load through :func:`load_network`:
 * a Lightning checkpoint of this project (``.ckpt``): the network's config travels inside it; the
   EMA weights are used when the run kept them (``ema=False``: the raw weights);
 * an export folder of ``python -m deblur_diffusion.export`` (``model.safetensors`` + ``config.yaml``);
-* the official release files (``.pth`` holding ``{'params': ...}``), which carry no config: pass the
-  network's config (e.g. the ``net`` node of ``conf/model/restormer.yaml``). Models made of several
-  files (HI-Diff: ``net_g``, ``net_le_dm``, ``net_d``) take a mapping from the network's part to its
-  file, e.g. ``{transformer: net_g.pth, condition_encoder: net_le_dm.pth, denoiser: net_d.pth}``.
+* the official release files (``.pth`` holding ``{'params': ...}``), which carry no config: a
+  Restormer or Swintormer file's architecture is read off its weights
+  (:mod:`deblur_diffusion.models.detect`); a network config given with it wins (e.g. the ``net``
+  node of ``conf/model/restormer.yaml``), and one without ``_target_`` overrides what was read.
+  Models made of several files (HI-Diff: ``net_g``, ``net_le_dm``, ``net_d``) take a mapping from
+  the network's part to its file, e.g. ``{transformer: net_g.pth, condition_encoder: net_le_dm.pth,
+  denoiser: net_d.pth}``, and their config.
 
 :func:`save_official` writes a network in that release format (the files its ``official_files`` names,
 with ``params`` and, for a run with an EMA, ``params_ema``).
@@ -29,12 +32,14 @@ from torch import nn
 from deblur_diffusion.checkpoints import (
     CheckpointError,
     lightning_weights,
+    listing,
     load_weights,
     official_state_dict,
     official_weights,
     read_checkpoint,
     stage_weights,
 )
+from deblur_diffusion.models.detect import infer_network_config
 from deblur_diffusion.models.interface import RestorationNetwork
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -95,20 +100,25 @@ def _exported_network(path: Path) -> LoadedNetwork:
 
 
 def _official_network(files: str | Path | Mapping[str, str], net_config: Mapping | None, ema: bool) -> LoadedNetwork:
+    """Official release files. ``net_config`` with a ``_target_`` is the architecture; without one
+    (or None) the architecture of a single file is read off its weights
+    (:func:`~deblur_diffusion.models.detect.infer_network_config`) and ``net_config`` holds overrides
+    of what was read (e.g. ``{"window_size": 8}``)."""
     source = str(dict(files)) if isinstance(files, Mapping) else str(files)
-    if net_config is None:
-        raise CheckpointError(
-            f"{source}: official weights carry no architecture; give the network's config "
-            "(on the command line: model=restormer|swintormer|hidiff_s2 and data=... for the channels)"
-        )
+    states = {part: official_weights(file, ema) for part, file in (files.items() if isinstance(files, Mapping) else [("", files)])}
+    if net_config is None or "_target_" not in net_config:
+        if isinstance(files, Mapping):
+            raise CheckpointError(
+                f"{source}: the architecture of a model of several files is not read off its weights; give the network's "
+                "config (on the command line: model=hidiff_s2 and data=...)"
+            )
+        net_config = infer_network_config(states[""][0], source, net_config)
     net = _build(net_config, source)
-    keys = []
-    for part, file in files.items() if isinstance(files, Mapping) else [("", files)]:
+    for part, (state, key) in states.items():
         module = net.get_submodule(part) if part else net
-        state, key = official_weights(file, ema)
+        file = files[part] if isinstance(files, Mapping) else files
         load_weights(module, state, f"{file} ({key}{', as ' + part if part else ''})")
-        keys.append(key)
-    return LoadedNetwork(net, _as_dict(net_config), {}, source, ",".join(keys))
+    return LoadedNetwork(net, _as_dict(net_config), {}, source, ",".join(key for _, key in states.values()))
 
 
 def load_network(weights: str | Path | Mapping[str, str], net_config: Mapping | None = None, ema: bool = True) -> LoadedNetwork:
@@ -160,21 +170,112 @@ class PartWeights:
     Attributes:
         part: the submodule of the stage (``net.transformer``, ``latent_encoder``, ``net.prior``...).
         file: a Lightning checkpoint of this package (``.ckpt``: the weights under ``key``, from its
-            EMA copy when the run kept one), an official release file (``.pth``), a diffusers LDM
-            folder (``key``: its ``vqvae`` or ``unet`` subfolder), or with ``compvis_config`` the
-            CompVis ``model.ckpt`` of the released LDM-BSR (its EMA weights and noise schedule).
+            EMA copy when the run kept one), an official release file (``.pth``: ``params_ema`` when
+            it has one, else ``params``), an export folder of this package, a diffusers LDM folder
+            (``key``: its ``vqvae`` or ``unet`` subfolder), or with ``compvis_config`` the CompVis
+            ``model.ckpt`` of the released LDM-BSR (its EMA weights and noise schedule).
         key: see ``file``.
         compvis_config: the CompVis ``config.yaml`` that goes with ``file``.
+        fine_tune: released or trained weights to fine-tune from (``model.init_ckpt``): mismatches
+            are reported (:func:`load_for_fine_tuning`) and, unless ``strict``, the parts that do not
+            fit keep the network's initialisation.
+        strict: with ``fine_tune``, fail on missing, unexpected or mis-shaped keys.
     """
 
     part: str
     file: str
     key: str = ""
     compvis_config: str | None = None
+    fine_tune: bool = False
+    strict: bool = True
 
 
-def warm_start(stage: nn.Module, sources: Sequence[PartWeights]) -> None:
-    """Loads each source into its part of ``stage``; every mismatch is named with the file."""
+def fine_tuning_weights(init_ckpt: str | Mapping[str, str], part: str, strict: bool) -> list[PartWeights]:
+    """Where ``model.init_ckpt`` starts the stage's ``part`` from: a file or folder for the whole
+    part (a ``.ckpt`` of this package gives its ``net``), or official files by sub-part
+    (``{transformer: net_g.pth, latent_encoder: net_le.pth}``)."""
+    if isinstance(init_ckpt, Mapping):
+        return [PartWeights(f"{part}.{sub}" if sub else part, str(file), fine_tune=True, strict=strict) for sub, file in init_ckpt.items()]
+    key = "net" if Path(init_ckpt).suffix == ".ckpt" else ""
+    return [PartWeights(part, str(init_ckpt), key, fine_tune=True, strict=strict)]
+
+
+def _widens_input(file_value: torch.Tensor, model_value: torch.Tensor) -> bool:
+    """A convolution whose file weights read fewer input channels than the model's, and nothing else differs."""
+    return (
+        file_value.ndim == model_value.ndim == 4
+        and file_value.shape[1] < model_value.shape[1]
+        and file_value.shape[:1] + file_value.shape[2:] == model_value.shape[:1] + model_value.shape[2:]
+    )
+
+
+def load_for_fine_tuning(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, strict: bool) -> list[str]:
+    """Loads released or trained weights to fine-tune ``module`` from; returns what to tell the user.
+
+    A convolution of the file that reads fewer input channels (a single-image model started as
+    dual-pixel, Swintormer's prior added) keeps the file's filters for the channels they share, and
+    its filters for the new channels start at zero, so that the network starts as the file's. Missing,
+    unexpected and mis-shaped keys fail, unless ``strict=False``: then they are reported and keep the
+    network's initialisation.
+    """
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    shared = [key for key in expected if key in state]
+    widened = [key for key in shared if state[key].shape != expected[key].shape and _widens_input(state[key], expected[key])]
+    wrong_shape = [
+        f"{key} {tuple(state[key].shape)} (model: {tuple(expected[key].shape)})"
+        for key in shared
+        if state[key].shape != expected[key].shape and key not in widened
+    ]
+    problems = [
+        f"{label} {listing(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+        if keys
+    ]
+    if problems and strict:
+        raise CheckpointError(
+            f"model.init_ckpt={source} does not fit {type(module).__name__}: "
+            + "; ".join(problems)
+            + ". Set model.init_strict=false to start those parameters from the network's initialisation."
+        )
+    loaded = dict(expected)
+    for key in shared:
+        if key in widened:
+            value = torch.zeros_like(expected[key])
+            value[:, : state[key].shape[1]] = state[key]
+            loaded[key] = value
+        elif state[key].shape == expected[key].shape:
+            loaded[key] = state[key]
+    module.load_state_dict(loaded)
+    notes = [
+        f"{key}: the file's filters for input channels 0-{state[key].shape[1] - 1} kept, channels "
+        f"{state[key].shape[1]}-{expected[key].shape[1] - 1} start at zero"
+        for key in widened
+    ]
+    if problems:
+        notes.append("not loaded, left as initialised: " + "; ".join(problems))
+    return notes
+
+
+def _source_state(source: PartWeights) -> dict[str, torch.Tensor]:
+    """The weights of a file or folder that is not a CompVis checkpoint."""
+    path = Path(source.file)
+    if path.is_dir() and (path / EXPORT_WEIGHTS).is_file():
+        return load_file(path / EXPORT_WEIGHTS)
+    if path.is_dir() or not path.suffix:  # a (diffusers) folder
+        return _diffusers_weights(path, source.key)
+    if path.suffix == ".ckpt":
+        return lightning_weights(source.file, source.key)
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    return official_state_dict(source.file)
+
+
+def warm_start(stage: nn.Module, sources: Sequence[PartWeights]) -> list[str]:
+    """Loads each source into its part of ``stage``; every mismatch is named with the file.
+    Returns the notes of fine-tuning sources (what was widened or left out)."""
+    notes = []
     for source in sources:
         module = stage.get_submodule(source.part)
         label = f"{source.file} ({source.key or 'as ' + source.part})"
@@ -186,12 +287,11 @@ def warm_start(stage: nn.Module, sources: Sequence[PartWeights]) -> None:
             # Not copied: the buffer is not saved, so a resumed run gets the configured one.
             if not torch.equal(module.alphas_cumprod.cpu(), released.alphas_cumprod):
                 raise CheckpointError(f"{label}: the configured noise schedule is not the released one ({source.compvis_config})")
-        elif Path(source.file).is_dir() or not Path(source.file).suffix:  # a (diffusers) folder
-            load_weights(module, _diffusers_weights(Path(source.file), source.key), label)
-        elif Path(source.file).suffix == ".ckpt":
-            load_weights(module, lightning_weights(source.file, source.key), label)
+        elif source.fine_tune:
+            notes += [f"{label}: {note}" for note in load_for_fine_tuning(module, _source_state(source), source.file, source.strict)]
         else:
-            load_weights(module, official_state_dict(source.file), label)
+            load_weights(module, _source_state(source), label)
+    return notes
 
 
 def _diffusers_weights(folder: Path, subfolder: str) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 from diffusers import UNet2DModel, VQModel
 from omegaconf import OmegaConf
 
-from deblur_diffusion.checkpoints import CheckpointError, load_weights
+from deblur_diffusion.checkpoints import CheckpointError, load_weights, unreadable
 from deblur_diffusion.models.latent_prior import LatentPriorModel, sqrt_linear_alphas_cumprod
 
 UNET_PREFIX = "model.diffusion_model."
@@ -53,7 +53,7 @@ def read_ldm_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals(allowed):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        raise unreadable(path, error) from error
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not any(key.startswith(UNET_PREFIX) for key in state):
         raise CheckpointError(f"{path} is not a CompVis LatentDiffusion checkpoint (no '{UNET_PREFIX}*' weights)")

@@ -163,6 +163,7 @@ class PriorFusedStage(RegressionStage):
     # The EMA averages the restoration network only: the prior model is frozen (~169 M parameters
     # for the released LDM-BSR), and a copy of it would double every checkpoint.
     ema_part = "net"
+    init_part = "net.net"
 
     @property
     def inference_net(self) -> nn.Module:

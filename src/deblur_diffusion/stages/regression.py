@@ -9,7 +9,7 @@ restored output, and of the blurry input for reference).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
@@ -25,7 +25,7 @@ from deblur_diffusion.checkpoints import EMA_PART_KEY
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.metrics import ssim
-from deblur_diffusion.weights import PartWeights, warm_start
+from deblur_diffusion.weights import PartWeights, fine_tuning_weights, warm_start
 
 IMAGE_CHANNELS = 3
 
@@ -74,11 +74,21 @@ class RegressionStage(L.LightningModule):
         channels_last: keep the weights and the images of every batch in the channels-last memory
             layout, which the convolution kernels prefer (the same network: outputs move by float
             rounding only); measured 7-9 % faster training steps for the three networks on a CPU.
+        init_ckpt: fine-tune from these weights: an official ``.pth`` (``params_ema`` when it has
+            one, else ``params``), a checkpoint of this package (its EMA weights where it kept them),
+            an export folder, or official files by part (``{transformer: net_g.pth, latent_encoder:
+            net_le.pth}``). A new run: step 0, a fresh optimiser and schedule, the EMA starting from
+            these weights; never applied on resume. See :func:`~deblur_diffusion.weights.load_for_fine_tuning`
+            for a first convolution that gains input channels.
+        init_strict: fail when ``init_ckpt`` has missing, unexpected or mis-shaped keys (false:
+            report them and keep those parameters as initialised).
     """
 
     # The part of ``net`` the EMA averages ("" = all of it); a stage with a frozen part sets its
     # trained part, so that the frozen weights are not copied into the EMA and every checkpoint.
     ema_part: str = ""
+    # The part of the stage that ``init_ckpt`` starts.
+    init_part: str = "net"
 
     @staticmethod
     def modules_to_compile(net: nn.Module) -> list[nn.Module]:
@@ -97,6 +107,8 @@ class RegressionStage(L.LightningModule):
         inference: Inference | None = None,
         compile_network: bool = False,
         channels_last: bool = False,
+        init_ckpt: str | Mapping[str, str] | None = None,
+        init_strict: bool = True,
     ):
         super().__init__()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -122,13 +134,17 @@ class RegressionStage(L.LightningModule):
         self.run_config: dict | None = None
         # The weights parts of the stage start from (stage1_ckpt, init_ckpt, pretrained_dir, prior_ckpt).
         self.warm_start_sources: list[PartWeights] = []
+        if init_ckpt is not None:
+            self.warm_start_sources = fine_tuning_weights(init_ckpt, self.init_part, init_strict)
 
-    def warm_start(self) -> None:
+    def warm_start(self) -> list[str]:
         """Loads ``warm_start_sources`` into their parts (and the EMA copy). ``train`` calls it before
-        a run from scratch and never on resume, whose checkpoint holds every weight."""
-        warm_start(self, self.warm_start_sources)
+        a run from scratch and never on resume, whose checkpoint holds every weight. Returns what
+        fine-tuning sources widened or left out, for the user."""
+        notes = warm_start(self, self.warm_start_sources)
         if self.ema is not None:
             self.ema.module.load_state_dict(self.averaged_network().state_dict())
+        return notes
 
     def averaged_network(self) -> nn.Module:
         """The part of the network that the EMA averages (``ema_part``)."""
