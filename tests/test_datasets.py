@@ -312,3 +312,33 @@ def test_a_validation_split_held_out_of_the_training_pairs(tmp_path, rng):
     cfg = compose_config("evaluate", tmp_path, *overrides, "data.val=null", "data.val_fraction=0.2", "data.seed=3", "split=val")
     held_out = split_datamodule(cfg, "val").pairs("val")
     assert [held_out.name(i) for i in range(len(held_out))] == val_names
+
+
+def test_a_folder_of_sharp_photos_trains_and_validates_on_synthetic_blur(tmp_path):
+    from conftest import compose_config
+    from hydra.utils import instantiate
+    from skimage import data as skdata
+
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "coins"):
+        image = getattr(skdata, name)()
+        image = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
+        cv2.imwrite(str(tmp_path / f"{name}.png"), image[:, :, ::-1])
+    overrides = [f"data.train.photo_dir={tmp_path}", "data.train.image_size=48", "data.val.image_size=48", "data.val.length=4"]
+    data = instantiate(compose_config("train", tmp_path, "data=sharp_folder", *overrides).data)
+    train, val = data.pairs("train"), data.pairs("val")
+    held_out = {Path(photo).name for photo in val.photos}
+    assert len(held_out) == 1 and held_out.isdisjoint(Path(photo).name for photo in train.photos)
+    assert len(train.photos) == 4
+    blurry, sharp = val.load(0, np.random.default_rng(0))
+    again_blurry, again_sharp = val.load(0, np.random.default_rng(99))  # validation ignores the caller's rng
+    np.testing.assert_array_equal(blurry, again_blurry)
+    np.testing.assert_array_equal(sharp, again_sharp)
+    photo = cv2.imread(str(tmp_path / held_out.pop()))[:, :, ::-1].astype(np.float32) / 255
+    assert sharp.shape == (48, 48, 3) and blurry.shape == (48, 48, 3)
+    # The validation crop comes from the held-out photograph (rescaled, so compare value ranges).
+    assert photo.min() <= sharp.min() and sharp.max() <= photo.max()
+    assert np.abs(blurry - sharp).mean() > 1e-3  # blurred
+    assert all(name.startswith("000") for name in (val.name(i) for i in range(len(val))))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetLayoutError, match="holds 0 images; at least 2 are needed"):
+        SyntheticPairs("train", photo_dir=tmp_path / "empty")

@@ -165,4 +165,4 @@ def restorer_from_config(cfg: DictConfig) -> Restorer:
     if cfg.get("seed") is not None and loaded.net.samples_noise:
         loaded.net.noise_seed = int(cfg.seed)
     inference = instantiate(cfg.inference)
-    return Restorer(loaded.net, inference, pick_device(cfg.device), loaded.weights)
+    return Restorer(loaded.net, inference, pick_device(cfg.device), loaded.weights, cfg.get("precision", "fp32"))

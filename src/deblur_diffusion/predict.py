@@ -1,7 +1,8 @@
 """Restores images: ``python -m deblur_diffusion.predict ckpt=... input=FILE_OR_DIR output=DIR``.
 
 Every image of ``input`` (a file, or the images directly inside a folder) is restored and written
-to ``output`` under its own file name, with its own bit depth (8 or 16). Images larger than
+to ``output`` under its own file name, with its own bit depth (8 or 16), turned upright by its
+EXIF orientation and with its ICC colour profile kept (PNG and JPEG). Images larger than
 ``tile_above_pixels`` are restored on overlapping tiles. An unreadable image is reported at the end
 and the others are still restored (exit status 1 if any failed). Nothing is ever written into the
 input folder.
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.progress import track
 
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, restorer_from_config
-from deblur_diffusion.data.io import is_image_file, list_images, read_image_raw, write_image
+from deblur_diffusion.data.io import is_image_file, list_images, read_photo, write_image
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.restorer import Restorer
 
@@ -46,12 +47,14 @@ def check_output(source: Path, output: Path) -> None:
 
 
 def restore_file(restorer: Restorer, tiled: Restorer, path: Path, output: Path, tile_above_pixels: int) -> Path:
-    raw = read_image_raw(path)
+    """Restores one photo upright (its EXIF orientation applied) and writes it with its bit depth and
+    ICC profile (the file carries no orientation any more)."""
+    raw, profile = read_photo(path)
     bit_depth = 16 if raw.dtype.itemsize == 2 else 8
     image = torch.from_numpy(raw.astype("float32") / float(2**bit_depth - 1)).permute(2, 0, 1)
     chosen = tiled if image.shape[1] * image.shape[2] > tile_above_pixels else restorer
     restored = chosen.restore(image)
-    return write_image(output / path.name, restored.permute(1, 2, 0).numpy(), bit_depth)
+    return write_image(output / path.name, restored.permute(1, 2, 0).numpy(), bit_depth, profile)
 
 
 def predict(cfg: DictConfig) -> tuple[list[Path], dict[Path, str]]:
@@ -68,7 +71,7 @@ def predict(cfg: DictConfig) -> tuple[list[Path], dict[Path, str]]:
     tiled_inference = copy.copy(restorer.inference)
     tiled_inference.mode = "tiles"
     tiled_inference.progress = True
-    tiled = Restorer(restorer.net, tiled_inference, restorer.device)
+    tiled = Restorer(restorer.net, tiled_inference, restorer.device, restorer.weights, restorer.precision)
 
     console = Console()
     written, failures = [], {}

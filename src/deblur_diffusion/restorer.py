@@ -9,6 +9,9 @@ See :mod:`deblur_diffusion.weights` for the files that load.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,8 +20,35 @@ import torch
 from PIL import Image
 from torch import nn
 
+from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.weights import load_network
+
+# The arithmetic of the network's forward: torch.autocast to this dtype (None: float32 throughout).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Out of memory: retry on tiles halved down to this side.
+SMALLEST_TILE = 64
+LOG = logging.getLogger("deblur_diffusion")
+
+
+class OutOfMemoryError(DeblurError):
+    """The device ran out of memory even on the smallest tiles."""
+
+
+def smaller_tiles(inference: Inference) -> Inference | None:
+    """The next inference to try after running out of memory: one tile per call, then tiles of half
+    the side with the same overlap ratio (whole images first become tiles); None below ``SMALLEST_TILE``."""
+    smaller = copy.copy(inference)
+    if inference.mode == "whole":
+        smaller.mode = "tiles"
+    elif inference.tile_batch_size > 1:
+        smaller.tile_batch_size = 1
+    elif inference.tile_size // 2 >= SMALLEST_TILE:
+        smaller.tile_size = inference.tile_size // 2
+        smaller.stride = max(1, inference.stride * smaller.tile_size // inference.tile_size)
+    else:
+        return None
+    return smaller
 
 
 class Restorer:
@@ -27,13 +57,28 @@ class Restorer:
     Args:
         net: the network (moved to ``device`` and set to eval mode).
         inference: whole-image or tiled inference, optional x8 self-ensemble.
-        device: where to run.
+        device: where to run (``auto``: CUDA when there is a GPU).
         weights: which weights ``net`` holds (``ema``, ``raw``, an official file's key), for records.
+        precision: ``fp32``, ``bf16`` or ``fp16``: the forward runs under ``torch.autocast`` to that
+            type (outputs are float32 either way). See the README for each model's accuracy against fp32.
+
+    A device that runs out of memory (``torch.OutOfMemoryError``) is retried on tiles, then on
+    smaller tiles (down to 64 px), instead of failing; each fallback is logged.
     """
 
-    def __init__(self, net: nn.Module, inference: Inference | None = None, device: str | torch.device = "cpu", weights: str = ""):
+    def __init__(
+        self,
+        net: nn.Module,
+        inference: Inference | None = None,
+        device: str | torch.device = "auto",
+        weights: str = "",
+        precision: str = "fp32",
+    ):
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.weights = weights
-        self.device = torch.device(device)
+        self.precision = precision
+        self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         self.net = net.to(self.device).eval()
         self.inference = inference or Inference()
         self.input_channels = net.input_channels
@@ -53,8 +98,33 @@ class Restorer:
             if sharp is None:
                 raise ValueError("a stage-one HI-Diff network computes its prior from the sharp image: pass sharp=, or use stage two")
             batch = torch.cat([batch, sharp[None] if single else sharp], dim=1)
-        restored = self.inference(self.net, batch.to(self.device, torch.float32)).clamp(0.0, 1.0).to(blurry.device)
+        restored = self._run(batch.to(self.device, torch.float32)).clamp(0.0, 1.0).to(blurry.device)
         return restored[0] if single else restored
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        dtype = PRECISIONS[self.precision]
+        inference = self.inference
+        while True:
+            try:
+                with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+                    return inference(self.net, batch).float()
+            except torch.OutOfMemoryError as error:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                fallback = smaller_tiles(inference)
+                if fallback is None:
+                    raise OutOfMemoryError(
+                        f"{self.device} ran out of memory even on {inference.tile_size} px tiles, one per call ({error}); "
+                        "use precision=bf16 or another device"
+                    ) from error
+                LOG.warning(
+                    "out of memory on %s; retrying on %d px tiles every %d px, %d per call",
+                    "the whole image" if inference.mode == "whole" else f"{inference.tile_size} px tiles",
+                    fallback.tile_size,
+                    fallback.stride,
+                    fallback.tile_batch_size,
+                )
+                inference = fallback
 
     def restore_image(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
         """Restores a PIL image (returned as an 8-bit RGB PIL image) or an H x W x C array (uint8,
@@ -73,18 +143,20 @@ def load_pretrained(
     weights: str | Path | Mapping[str, str],
     net_config: Mapping | None = None,
     inference: Inference | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
+    precision: str = "fp32",
 ) -> Restorer:
-    """A :class:`Restorer` for the weights (Lightning checkpoint, export folder or official files).
+    """A :class:`Restorer` for the weights (Lightning checkpoint, export folder or official files;
+    an official Restormer or Swintormer file needs no ``net_config``).
 
     Without ``inference``, the settings the model was trained or exported with are used (whole
-    images when there are none).
+    images when there are none). ``device="auto"`` runs on the GPU when there is one.
     """
     loaded = load_network(weights, net_config)
     if inference is None:
         settings = {k: v for k, v in loaded.inference_config.items() if k != "_target_"}
         inference = Inference(**settings)
-    return Restorer(loaded.net, inference, device, loaded.weights)
+    return Restorer(loaded.net, inference, device, loaded.weights, precision)
 
 
 def pick_device(device: str) -> torch.device:

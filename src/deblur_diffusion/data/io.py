@@ -12,6 +12,7 @@ as 8 bits (for PNG, the high byte of each value). Restormer's single-image DPDD 
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import cv2
@@ -120,8 +121,62 @@ def to_integer_image(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * scale).astype(dtype)
 
 
-def write_image(path: str | Path, image: np.ndarray, bit_depth: int = 8) -> Path:
-    """Writes a float RGB (H x W x 3) or gray (H x W) image in [0, 1] as an 8 or 16-bit file.
+# EXIF orientation (tag 274) -> how the stored pixels are turned upright, as Pillow's exif_transpose.
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+_EXIF_ORIENTATION = 0x0112
+
+
+def read_photo(path: str | Path) -> tuple[np.ndarray, bytes | None]:
+    """A photograph to restore: its pixels as stored (:func:`read_image_raw`), turned upright by its
+    EXIF orientation as viewers show it, and its ICC colour profile (None when it has none)."""
+    pixels = read_image_raw(path)
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            profile = image.info.get("icc_profile")
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+        return pixels, None
+    if orientation in _UPRIGHT:
+        pixels = np.ascontiguousarray(_UPRIGHT[orientation](pixels))
+    return pixels, profile or None
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+# The PNG signature and IHDR chunk (length, type, 13 bytes, CRC) that an iCCP chunk follows.
+_PNG_HEADER_END = 8 + 4 + 4 + 13 + 4
+_JPEG_ICC_CHUNK = 65519  # the most profile bytes one APP2 segment holds
+
+
+def with_icc_profile(encoded: bytes, suffix: str, profile: bytes) -> bytes:
+    """An encoded PNG or JPEG with ``profile`` embedded (an iCCP chunk; APP2 ICC_PROFILE segments);
+    other formats are returned as they are."""
+    if suffix.lower() == ".png":
+        chunk = _png_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(profile))
+        return encoded[:_PNG_HEADER_END] + chunk + encoded[_PNG_HEADER_END:]
+    if suffix.lower() in (".jpg", ".jpeg"):
+        parts = [profile[i : i + _JPEG_ICC_CHUNK] for i in range(0, len(profile), _JPEG_ICC_CHUNK)]
+        segments = b"".join(
+            b"\xff\xe2" + (2 + 14 + len(part)).to_bytes(2, "big") + b"ICC_PROFILE\0" + bytes([number, len(parts)]) + part
+            for number, part in enumerate(parts, start=1)
+        )
+        return encoded[:2] + segments + encoded[2:]
+    return encoded
+
+
+def write_image(path: str | Path, image: np.ndarray, bit_depth: int = 8, icc_profile: bytes | None = None) -> Path:
+    """Writes a float RGB (H x W x 3) or gray (H x W) image in [0, 1] as an 8 or 16-bit file, with
+    ``icc_profile`` embedded when given (PNG and JPEG).
 
     The file appears whole or not at all: it is encoded under a temporary name beside it and then
     renamed, so a run killed mid-write never leaves a truncated image that a resumed run would skip.
@@ -134,9 +189,10 @@ def write_image(path: str | Path, image: np.ndarray, bit_depth: int = 8) -> Path
     ok, encoded = cv2.imencode(path.suffix, pixels) if path.suffix else (False, None)
     if not ok:
         raise ImageReadError(f"cannot write image {path}: unsupported extension {path.suffix!r}")
+    data = encoded.tobytes() if icc_profile is None else with_icc_profile(encoded.tobytes(), path.suffix, icc_profile)
     partial = path.with_name(f".{path.name}.partial")
     try:
-        encoded.tofile(partial)
+        partial.write_bytes(data)
         os.replace(partial, path)
     except OSError as err:
         partial.unlink(missing_ok=True)

@@ -8,19 +8,27 @@ Gaussian kernels, with optional Gaussian noise.
 The split is by source image: the photographs in ``VALIDATION_PHOTOS`` and the dead-leaves seeds of
 the validation stream never appear in training. A validation pair is a pure function of
 ``(seed, index)``, so its blur, and the validation PSNR, are reproducible.
+
+With ``photo_dir`` the sharp images are the user's own photographs instead (``data=sharp_folder``):
+a user with no blurry/sharp pairs trains and validates on them with the same kernels, noise,
+seeding and reproducible validation; ``validation_fraction`` of the files (drawn with ``seed``) are
+held out for validation and never cropped for training.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cache
+from pathlib import Path
 
 import cv2
 import numpy as np
 import skimage.data
 
+from deblur_diffusion.data.io import list_images, read_image
 from deblur_diffusion.data.kernels import KERNEL_KINDS, blur_image, random_kernel
 from deblur_diffusion.data.sources import PairSource
+from deblur_diffusion.errors import DatasetLayoutError
 
 TRAIN_PHOTOS = (
     "astronaut",
@@ -91,7 +99,10 @@ class SyntheticPairs(PairSource):
         noise_sigma_max: Gaussian noise with a sigma drawn uniformly in [0, this], added after blur.
         dead_leaves_fraction: share of pairs built from dead-leaves images instead of photographs.
         min_scale: photographs are downscaled by a random factor in [min_scale, 1] before cropping.
-        seed: seeds the validation pairs.
+        seed: seeds the validation pairs (and which of ``photo_dir``'s files are held out).
+        photo_dir: a folder of the user's sharp photographs, used instead of scikit-image's.
+        validation_fraction: with ``photo_dir``, the share of its files held out for the ``val``
+            split (at least one, and at least one left for ``train``).
     """
 
     def __init__(
@@ -105,6 +116,8 @@ class SyntheticPairs(PairSource):
         dead_leaves_fraction: float = 0.3,
         min_scale: float = 0.4,
         seed: int = 0,
+        photo_dir: str | Path | None = None,
+        validation_fraction: float = 0.1,
     ):
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
@@ -121,13 +134,17 @@ class SyntheticPairs(PairSource):
         self.dead_leaves_fraction = dead_leaves_fraction
         self.min_scale = min_scale
         self.seed = seed
-        self.photos = TRAIN_PHOTOS if split == "train" else VALIDATION_PHOTOS
+        self.photo_dir = photo_dir
+        if photo_dir is None:
+            self.photos = TRAIN_PHOTOS if split == "train" else VALIDATION_PHOTOS
+        else:
+            self.photos = tuple(str(path) for path in own_photos(Path(photo_dir), split, validation_fraction, seed))
 
     def __len__(self) -> int:
         return self.length
 
     def _validation_source(self, index: int) -> str:
-        sources = (*self.photos, DEAD_LEAVES)
+        sources = (*self.photos, DEAD_LEAVES) if self.dead_leaves_fraction > 0 else self.photos
         return sources[index % len(sources)]
 
     def _source_of(self, index: int, rng: np.random.Generator) -> str:
@@ -139,7 +156,7 @@ class SyntheticPairs(PairSource):
 
     def name(self, index: int) -> str:
         if self.split == "val":
-            return f"{index:04d}_{self._validation_source(index)}"
+            return f"{index:04d}_{Path(self._validation_source(index)).stem}"
         return f"{self.split}_{index:06d}"
 
     def _validation_rng(self, index: int) -> np.random.Generator:
@@ -154,7 +171,8 @@ class SyntheticPairs(PairSource):
         if source == DEAD_LEAVES:
             sharp = dead_leaves(padded_size, rng)
         else:
-            sharp = random_crop_rescaled(load_photo(source), padded_size, rng, self.min_scale)
+            photo = load_photo(source) if self.photo_dir is None else read_image(source)
+            sharp = random_crop_rescaled(photo, padded_size, rng, self.min_scale)
         _, kernel = random_kernel(rng, self.kernel_size, self.kernel_kinds)
         blurry = blur_image(sharp, kernel)
         inner = (slice(margin, margin + self.image_size), slice(margin, margin + self.image_size))
@@ -165,7 +183,23 @@ class SyntheticPairs(PairSource):
         return np.clip(blurry, 0.0, 1.0).astype(np.float32), np.ascontiguousarray(sharp, dtype=np.float32)
 
     def describe(self) -> str:
+        photos = f"{len(self.photos)} photographs" + (f" of {self.photo_dir}" if self.photo_dir is not None else "")
         return (
-            f"synthetic {self.split}: {len(self)} pairs of {self.image_size}px from {len(self.photos)} photographs "
+            f"synthetic {self.split}: {len(self)} pairs of {self.image_size}px from {photos} "
             f"and dead leaves, kernels {list(self.kernel_kinds)} of size {self.kernel_size}"
         )
+
+
+def own_photos(folder: Path, split: str, validation_fraction: float, seed: int) -> list[Path]:
+    """The files of ``folder`` a split blurs: ``validation_fraction`` of them (drawn with ``seed``)
+    for ``val``, the others for ``train``."""
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"photo_dir {folder} is not a folder of sharp images")
+    files = list_images(folder)
+    if len(files) < 2:
+        raise DatasetLayoutError(f"photo_dir {folder} holds {len(files)} images; at least 2 are needed (one is held out for validation)")
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    held = min(len(files) - 1, max(1, round(validation_fraction * len(files))))
+    chosen = set(np.random.default_rng(seed).permutation(len(files))[:held].tolist())
+    return [path for index, path in enumerate(files) if (index in chosen) == (split == "val")]
