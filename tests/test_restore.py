@@ -89,3 +89,81 @@ def test_predict_restores_photos_upright_and_keeps_their_colour_profile(tmp_path
         np.testing.assert_array_equal(np.asarray(restored.convert("RGB")), np.asarray(expected))
     with Image.open(tmp_path / "out" / "plain.png") as plain:
         assert plain.size == (40, 24) and "icc_profile" not in plain.info
+
+
+def predict_in_process(tmp_path, *overrides):
+    from deblur_diffusion.predict import predict
+
+    return predict(compose_config("predict", tmp_path, f"output={tmp_path / 'out'}", "device=cpu", *overrides))
+
+
+def test_predict_restores_a_dual_pixel_folder_pair_by_pair(tmp_path):
+    from deblur_diffusion.data.io import read_image_raw, write_image
+    from deblur_diffusion.errors import ConfigError
+
+    torch.manual_seed(0)
+    net = Restormer(**TINY_UNET, inp_channels=6, dual_pixel_task=True).eval()
+    torch.save({"params": net.state_dict()}, tmp_path / "dual.pth")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        for view in "LR":
+            write_image(tmp_path / "pairs" / f"input{view}" / f"{name}.png", rng.random((24, 32, 3)), 16)
+    written, failures = predict_in_process(tmp_path, f"ckpt={tmp_path / 'dual.pth'}", f"input={tmp_path / 'pairs'}")
+    assert not failures and sorted(path.name for path in written) == ["a.png", "b.png"]
+    left, right = (read_image_raw(tmp_path / "pairs" / f"input{view}" / "a.png") / 65535.0 for view in "LR")
+    pair = torch.from_numpy(np.concatenate([left, right], axis=2).astype(np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expected = net(pair).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    restored = read_image_raw(tmp_path / "out" / "a.png")
+    assert restored.dtype == np.uint16
+    np.testing.assert_allclose(restored / 65535.0, expected, atol=1 / 65535)
+    swapped = tmp_path / "swapped"
+    predict_in_process(swapped.parent, f"ckpt={tmp_path / 'dual.pth'}", f"input={tmp_path / 'pairs'}", "views=[r,l]", f"output={swapped}")
+    assert not np.array_equal(read_image_raw(swapped / "a.png"), restored)
+    (tmp_path / "pairs" / "inputR" / "b.png").unlink()
+    with pytest.raises(ConfigError, match=r"pair 'b' has no .*inputR/b\.\*"):
+        predict_in_process(tmp_path, f"ckpt={tmp_path / 'dual.pth'}", f"input={tmp_path / 'pairs'}")
+    write_image(tmp_path / "pairs" / "loose.png", rng.random((8, 8, 3)), 8)
+    with pytest.raises(ConfigError, match="mixes images"):
+        predict_in_process(tmp_path, f"ckpt={tmp_path / 'dual.pth'}", f"input={tmp_path / 'pairs'}")
+    with pytest.raises(ConfigError, match="not a folder in DPDD's layout"):
+        predict_in_process(tmp_path, f"ckpt={tmp_path / 'dual.pth'}", f"input={tmp_path / 'pairs' / 'loose.png'}")
+
+
+def test_predict_feeds_a_prior_fused_swintormer_its_prior_read_or_sampled_as_generate_prior_does(tmp_path, parity_dir):
+    from deblur_diffusion.data.io import read_image_raw, write_image
+    from deblur_diffusion.errors import ConfigError
+    from deblur_diffusion.generate_prior import generate_priors
+    from deblur_diffusion.models import Swintormer
+
+    torch.manual_seed(0)
+    net = Swintormer(inp_channels=6, window_size=4, **TINY_UNET).eval()  # the photo, then its prior
+    torch.save({"params": net.state_dict()}, tmp_path / "fused.pth")
+    rng = np.random.default_rng(1)
+    write_image(tmp_path / "photos" / "x.png", rng.random((32, 32, 3)), 8)
+    ldm = parity_dir / "ldm_sr"
+    prior_options = ["seed=0", "data.num_workers=0", "batch_size=1", "device=cpu"]
+    generate_priors(
+        compose_config(
+            "generate_prior",
+            tmp_path,
+            f"ckpt={ldm / 'model.ckpt'}",
+            f"ldm_config={ldm / 'config.yaml'}",
+            f"input={tmp_path / 'photos'}",
+            f"out={tmp_path / 'priors'}",
+            "steps=2",
+            *prior_options,
+        )
+    )
+    common = [f"ckpt={tmp_path / 'fused.pth'}", f"input={tmp_path / 'photos'}", "architecture.window_size=4"]
+    with pytest.raises(ConfigError, match="reads a photo and its diffusion prior, give prior.dir"):
+        predict_in_process(tmp_path, *common, f"output={tmp_path / 'none'}")
+    photo = read_image_raw(tmp_path / "photos" / "x.png") / 255.0
+    prior = read_image_raw(tmp_path / "priors" / "x.png") / 65535.0
+    fused = torch.from_numpy(np.concatenate([photo, prior], axis=2).astype(np.float32)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expected = (net(fused).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).round()
+    sampled = [f"prior.ckpt={ldm / 'model.ckpt'}", f"prior.ldm_config={ldm / 'config.yaml'}", "prior.steps=2"]
+    for how, options in (("read", [f"prior.dir={tmp_path / 'priors'}"]), ("sampled", sampled)):
+        predict_in_process(tmp_path, *common, *options, f"output={tmp_path / how}")
+        np.testing.assert_array_equal(read_image_raw(tmp_path / how / "x.png"), expected.astype(np.uint8), err_msg=how)

@@ -147,10 +147,13 @@ def report_errors(task: Callable) -> Callable:
 
 
 def weights_and_architecture(cfg: DictConfig) -> tuple[str | dict, dict | None]:
-    """``cfg.ckpt`` and, when a model config was given (for official files), its network config."""
+    """``cfg.ckpt`` and, when a model config was given (for official files), its network config;
+    without one, ``cfg.architecture``'s values override what is read off an official file's weights
+    (``architecture.window_size=8``: Swintormer's window, which no weight holds)."""
     weights = OmegaConf.to_container(cfg.ckpt, resolve=True) if isinstance(cfg.ckpt, DictConfig) else cfg.ckpt
     if not cfg.get("model"):
-        return weights, None
+        overrides = {key: value for key, value in (cfg.get("architecture") or {}).items() if value is not None}
+        return weights, overrides or None
     missing = sorted(OmegaConf.missing_keys(cfg.model.net))
     if missing:
         raise ConfigError("missing required config value(s): " + ", ".join(f"model.net.{key}" for key in missing))
