@@ -146,3 +146,43 @@ def test_a_safetensors_export_holds_the_chosen_weights_and_says_which(tmp_path, 
     assert all(torch.equal(exported[key], value) for key, value in expected.items())
     loaded = load_network(out)
     assert loaded.weights == ("ema" if ema else "raw")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "overrides"), [("restormer_dual_pixel", None), ("swintormer", {"window_size": 4})])
+def test_an_onnx_export_runs_at_any_size_as_pytorch(tmp_path, parity_dir, name, overrides):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from deblur_diffusion.export import export_onnx
+
+    path, checked = export_onnx(parity_dir / name / "net_g.pth", tmp_path, overrides)
+    assert path.name == "model.onnx" and checked < 1e-4
+    net = load_network(parity_dir / name / "net_g.pth", overrides).net.eval()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for height, width in ((net.size_multiple + 11, 2 * net.size_multiple - 3), (3 * net.size_multiple, max(16, net.size_multiple))):
+        image = torch.rand(1, net.input_channels, height, width)
+        with torch.no_grad():
+            expected = net(image).numpy()
+        restored = session.run(None, {"blurry": image.numpy()})[0]
+        assert restored.shape == expected.shape == (1, 3, height, width)
+        assert abs(restored - expected).max() < 1e-4
+
+
+def test_onnx_refuses_a_diffusion_model_naming_why(tmp_path, parity_dir):
+    from deblur_diffusion.errors import ConfigError
+    from deblur_diffusion.export import export_onnx
+
+    kwargs, transformer, _, condition_encoder, denoiser = hidiff_parts(parity_dir)
+    net = HIDiff(transformer, condition_encoder, denoiser, PriorDiffusion(4))
+    files = save_official(net, tmp_path / "s2")
+    config = {
+        "_target_": "deblur_diffusion.models.HIDiff",
+        "transformer": {"_target_": "deblur_diffusion.models.PriorGuidedRestormer", **kwargs["net_g"]},
+        "condition_encoder": {"_target_": "deblur_diffusion.models.LatentEncoder", **kwargs["net_le_dm"]},
+        "denoiser": {"_target_": "deblur_diffusion.models.MixerDenoiser", **kwargs["net_d"]},
+        "diffusion": {"_target_": "deblur_diffusion.models.PriorDiffusion", "timesteps": 4},
+    }
+    parts = {part: str(tmp_path / "s2" / f"{stem}.pth") for part, stem in HIDiff.official_files.items()}
+    assert len(files) == 3
+    with pytest.raises(ConfigError, match="HIDiff is not exported to ONNX: .*samples seeded noise over T network calls"):
+        export_onnx(parts, tmp_path / "onnx", config)
+    assert not (tmp_path / "onnx").exists()

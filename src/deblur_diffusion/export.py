@@ -7,6 +7,13 @@ are and where they came from; ``deblur_diffusion.load_pretrained(DIR)`` rebuilds
 ``format=official``: the authors' release files (``DIR/net_g.pth``, and for HI-Diff the encoder and
 denoiser files) as BasicSR saves them: ``params`` the raw weights and, when there is an EMA,
 ``params_ema`` the EMA; for the official test scripts and the tools that read them.
+``format=onnx``: ``DIR/model.onnx``, one graph for one image of any height and width from 16 px (and
+from the size multiple: Swintormer's 16 x window) to 8192 px (the padding to the network's size
+multiple and the crop back are inside it), for Restormer and Swintormer (single
+image, dual-pixel, or with a precomputed prior as extra input channels); checked against PyTorch
+with onnxruntime at a size that is not a multiple of the padding. Diffusion models are refused:
+their inference samples seeded noise in a loop of T network calls (HI-Diff stage two, the LDM prior).
+Needs the ``export`` extra (onnx, onnxscript, onnxruntime).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from safetensors.torch import save_model
@@ -49,7 +57,61 @@ def export_official(weights, out: str | Path, net_config: Mapping | None = None)
     return save_official(raw.net, out, averaged.net if has_ema else None)
 
 
-FORMATS = ("safetensors", "official")
+ONNX_FILE = "model.onnx"
+# The agreement checked after an ONNX export, between onnxruntime and PyTorch (float32 throughout).
+ONNX_TOLERANCE = 1e-4
+
+
+# The sides an ONNX graph takes (from max(16, the network's size multiple): the traced reflect-padding
+# needs the padding to be shorter than the side).
+ONNX_MAX_SIDE = 8192
+
+
+def _onnx_sizes(multiple: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(traced size, checked size): neither a multiple of the padding, so the traced graph keeps its
+    padding and crop (an example of a multiple would trace them away), and checked at another size."""
+    return (2 * multiple + 3, 2 * multiple + 5), (3 * multiple + 7, multiple + multiple // 2 + 1)
+
+
+def export_onnx(weights, out: str | Path, net_config: Mapping | None = None, ema: bool = True) -> tuple[Path, float]:
+    """Writes ``out/model.onnx`` for ``weights``; returns the file and the largest difference
+    between onnxruntime and PyTorch at a second size."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ConfigError(
+            "format=onnx needs the export extra: pip install 'deblur-diffusion[export]' (onnx, onnxscript, onnxruntime)"
+        ) from error
+    net = load_network(weights, net_config, ema=ema).net.eval()
+    if net.samples_noise or net.needs_sharp_input or not hasattr(net, "size_multiple"):
+        raise ConfigError(
+            f"{type(net).__name__} is not exported to ONNX: only Restormer and Swintormer are (a diffusion model samples "
+            "seeded noise over T network calls at inference; HI-Diff stage one reads the sharp image)"
+        )
+    multiple = net.size_multiple
+    traced, checked = _onnx_sizes(multiple)
+    side = {"min": max(16, multiple), "max": ONNX_MAX_SIDE}
+    dims = {2: torch.export.Dim("height", **side), 3: torch.export.Dim("width", **side)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ONNX_FILE
+    example = torch.rand(1, net.input_channels, *traced)
+    torch.onnx.export(
+        net, (example,), str(path), dynamo=True, dynamic_shapes={"x": dims}, input_names=["blurry"], output_names=["restored"]
+    )
+    probe = torch.rand(1, net.input_channels, *checked, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = net(probe).numpy()
+    difference = float(abs(session.run(None, {"blurry": probe.numpy()})[0] - expected).max())
+    if difference > ONNX_TOLERANCE:
+        raise ConfigError(
+            f"{path}: onnxruntime differs from PyTorch by {difference:.2e} at {checked[0]}x{checked[1]} (more than {ONNX_TOLERANCE})"
+        )
+    return path, difference
+
+
+FORMATS = ("safetensors", "official", "onnx")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
@@ -59,6 +121,10 @@ def main(cfg: DictConfig) -> None:
     if cfg.format not in FORMATS:
         raise ConfigError(f"format must be one of {FORMATS}, got {cfg.format!r}")
     weights, net_config = weights_and_architecture(cfg)
+    if cfg.format == "onnx":
+        path, difference = export_onnx(weights, cfg.out, net_config, ema=bool(cfg.ema))
+        Console().print(f"Exported {path} (any height and width; onnxruntime within {difference:.1e} of PyTorch)", highlight=False)
+        return
     if cfg.format == "official":
         written = export_official(weights, cfg.out, net_config)
         Console().print(f"Exported {', '.join(str(path) for path in written)} (official release format)", highlight=False)
