@@ -186,3 +186,19 @@ def test_onnx_refuses_a_diffusion_model_naming_why(tmp_path, parity_dir):
     with pytest.raises(ConfigError, match="HIDiff is not exported to ONNX: .*samples seeded noise over T network calls"):
         export_onnx(parts, tmp_path / "onnx", config)
     assert not (tmp_path / "onnx").exists()
+
+
+def test_spandrel_loads_an_official_export_and_takes_its_ema(tmp_path):
+    # spandrel (what chaiNNer and ComfyUI load models with) is an independent reader of the format.
+    spandrel = pytest.importorskip("spandrel")
+    extra = pytest.importorskip("spandrel_extra_arches")
+    extra.install()
+    from deblur_diffusion.export import export_official
+
+    stage, path = stage_checkpoint(tmp_path, ema_decay=0.999)
+    (written,) = export_official(path, tmp_path / "release")
+    described = spandrel.ModelLoader().load_from_file(written)
+    assert described.architecture.name == "Restormer" and described.input_channels == 3
+    image = torch.rand(1, 3, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(described.model.eval()(image), stage.ema.module.eval()(image), rtol=0, atol=1e-5)
