@@ -100,3 +100,23 @@ def test_a_file_that_is_no_checkpoint_is_named_without_advice_to_run_its_code(tm
 def test_a_missing_checkpoint_to_resume_is_named_before_training(tmp_path):
     with pytest.raises(CheckpointError, match=r"ckpt_path=.*nowhere.ckpt does not exist"):
         run(tmp_path, "resume", f"ckpt_path={tmp_path / 'nowhere.ckpt'}")
+
+
+def test_hidiff_stage_one_fine_tunes_from_the_official_files_by_part(parity_dir):
+    import json
+
+    from deblur_diffusion.models import HIDiffStageOneNet, LatentEncoder, PriorGuidedRestormer
+    from deblur_diffusion.stages import HIDiffStageOne
+
+    folder = parity_dir / "hidiff"
+    kwargs = json.loads((folder / "config.json").read_text())["kwargs"]
+    net = HIDiffStageOneNet(PriorGuidedRestormer(**kwargs["net_g"]), LatentEncoder(**kwargs["net_le"]))
+    files = {"transformer": str(folder / "net_g.pth"), "latent_encoder": str(folder / "net_le.pth")}
+    stage = HIDiffStageOne(net, torch.nn.L1Loss(), torch.optim.AdamW, ema_decay=0.9, init_ckpt=files)
+    assert stage.warm_start() == []
+    for part, file in files.items():
+        released = torch.load(file, weights_only=True)["params"]
+        for module in (stage.net, stage.ema.module):
+            loaded = module.get_submodule(part).state_dict()
+            assert loaded.keys() == released.keys()
+            assert all(torch.equal(loaded[key], value) for key, value in released.items()), part
