@@ -73,3 +73,15 @@ def prior_fused_swintormer_overrides(data_dir, prior_dir) -> list[str]:
         "data.patch_schedule=[[0,32,2]]",
         "data.num_workers=0",
     ]
+
+
+def official_hidiff_config(kwargs: dict, timesteps: int) -> dict:
+    """The stage-two HI-Diff config of an official parity fixture's constructor arguments (its
+    ``config.json`` kwargs of ``net_g``, ``net_le_dm`` and ``net_d``)."""
+    return {
+        "_target_": "deblur_diffusion.models.HIDiff",
+        "transformer": {"_target_": "deblur_diffusion.models.PriorGuidedRestormer", **kwargs["net_g"]},
+        "condition_encoder": {"_target_": "deblur_diffusion.models.LatentEncoder", **kwargs["net_le_dm"]},
+        "denoiser": {"_target_": "deblur_diffusion.models.MixerDenoiser", **kwargs["net_d"]},
+        "diffusion": {"_target_": "deblur_diffusion.models.PriorDiffusion", "timesteps": timesteps},
+    }

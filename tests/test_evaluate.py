@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from networks import official_hidiff_config
 from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -140,13 +141,7 @@ def test_official_files_load_through_the_user_path(parity_dir, name, builder):
 def test_official_hidiff_files_load_as_parts(parity_dir):
     folder = parity_dir / "hidiff"
     kwargs = json.loads((folder / "config.json").read_text())["kwargs"]
-    net_config = {
-        "_target_": "deblur_diffusion.models.HIDiff",
-        "transformer": {"_target_": "deblur_diffusion.models.PriorGuidedRestormer", **kwargs["net_g"]},
-        "condition_encoder": {"_target_": "deblur_diffusion.models.LatentEncoder", **kwargs["net_le_dm"]},
-        "denoiser": {"_target_": "deblur_diffusion.models.MixerDenoiser", **kwargs["net_d"]},
-        "diffusion": {"_target_": "deblur_diffusion.models.PriorDiffusion", "timesteps": 8},
-    }
+    net_config = official_hidiff_config(kwargs, timesteps=8)
     files = {
         part: str(folder / f"{name}.pth")
         for part, name in (("transformer", "net_g"), ("condition_encoder", "net_le_dm"), ("denoiser", "net_d"))

@@ -168,19 +168,15 @@ def test_an_onnx_export_runs_at_any_size_as_pytorch(tmp_path, parity_dir, name, 
 
 
 def test_onnx_refuses_a_diffusion_model_naming_why(tmp_path, parity_dir):
+    from networks import official_hidiff_config
+
     from deblur_diffusion.errors import ConfigError
     from deblur_diffusion.export import export_onnx
 
     kwargs, transformer, _, condition_encoder, denoiser = hidiff_parts(parity_dir)
     net = HIDiff(transformer, condition_encoder, denoiser, PriorDiffusion(4))
     files = save_official(net, tmp_path / "s2")
-    config = {
-        "_target_": "deblur_diffusion.models.HIDiff",
-        "transformer": {"_target_": "deblur_diffusion.models.PriorGuidedRestormer", **kwargs["net_g"]},
-        "condition_encoder": {"_target_": "deblur_diffusion.models.LatentEncoder", **kwargs["net_le_dm"]},
-        "denoiser": {"_target_": "deblur_diffusion.models.MixerDenoiser", **kwargs["net_d"]},
-        "diffusion": {"_target_": "deblur_diffusion.models.PriorDiffusion", "timesteps": 4},
-    }
+    config = official_hidiff_config(kwargs, timesteps=4)
     parts = {part: str(tmp_path / "s2" / f"{stem}.pth") for part, stem in HIDiff.official_files.items()}
     assert len(files) == 3
     with pytest.raises(ConfigError, match="HIDiff is not exported to ONNX: .*samples seeded noise over T network calls"):

@@ -6,7 +6,7 @@ that do not fit, instead of a shape error from inside ``load_state_dict``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -93,24 +93,27 @@ def lightning_weights(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
     return stage_weights(read_checkpoint(path), prefix, ema=True, source=str(path))[0]
 
 
-def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Loads ``state`` into ``module`` strictly; mismatches are reported by key, naming ``source``."""
-    expected = module.state_dict()
+def mismatches(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], reshaped: Sequence[str] = ()) -> list[str]:
+    """The missing, unexpected and mis-shaped keys of ``state`` against ``expected``, one phrase
+    each (empty when it fits); keys in ``reshaped`` may differ in shape."""
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     wrong_shape = [
         f"{key} {tuple(state[key].shape)} (model: {tuple(expected[key].shape)})"
         for key in expected
-        if key in state and state[key].shape != expected[key].shape
+        if key in state and state[key].shape != expected[key].shape and key not in reshaped
     ]
-    if missing or unexpected or wrong_shape:
-        problems = []
-        if missing:
-            problems.append(f"missing {listing(missing)}")
-        if unexpected:
-            problems.append(f"unexpected {listing(unexpected)}")
-        if wrong_shape:
-            problems.append(f"wrong shape {listing(wrong_shape)}")
+    return [
+        f"{label} {listing(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+        if keys
+    ]
+
+
+def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Loads ``state`` into ``module`` strictly; mismatches are reported by key, naming ``source``."""
+    problems = mismatches(module.state_dict(), state)
+    if problems:
         raise CheckpointError(
             f"{source} does not fit {type(module).__name__}: " + "; ".join(problems) + ". Is it the same architecture and configuration?"
         )

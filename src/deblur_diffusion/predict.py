@@ -119,6 +119,7 @@ class PriorSource:
 
     def __init__(self, cfg: DictConfig, device: torch.device):
         self.folder = Path(cfg.prior.dir) if cfg.prior.dir is not None else None
+        self.device = device
         self.model = None
         if self.folder is None:
             from deblur_diffusion.models.compvis_ldm import load_compvis_ldm
@@ -140,7 +141,7 @@ class PriorSource:
                 raise DeblurError(f"no combined view for {photo.name}: the prior is sampled from inputC/{photo.name}.*")
             condition = torch.from_numpy(to_float(read_photo(photo.condition)[0])).permute(2, 0, 1)[None]
             with torch.no_grad():
-                sampled = self.model(condition.to(next(self.model.parameters()).device))[0].permute(1, 2, 0).cpu().numpy()
+                sampled = self.model(condition.to(self.device))[0].permute(1, 2, 0).cpu().numpy()
             # As generate_prior stores it (16 bits), so a network trained on those priors gets its own kind.
             prior = np.round(sampled * 65535.0) / 65535.0
         if prior.shape != shape:

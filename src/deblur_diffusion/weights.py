@@ -32,8 +32,8 @@ from torch import nn
 from deblur_diffusion.checkpoints import (
     CheckpointError,
     lightning_weights,
-    listing,
     load_weights,
+    mismatches,
     official_state_dict,
     official_weights,
     read_checkpoint,
@@ -105,20 +105,19 @@ def _official_network(files: str | Path | Mapping[str, str], net_config: Mapping
     (:func:`~deblur_diffusion.models.detect.infer_network_config`) and ``net_config`` holds overrides
     of what was read (e.g. ``{"window_size": 8}``)."""
     source = str(dict(files)) if isinstance(files, Mapping) else str(files)
-    states = {part: official_weights(file, ema) for part, file in (files.items() if isinstance(files, Mapping) else [("", files)])}
+    parts = list(files.items()) if isinstance(files, Mapping) else [("", files)]
+    states = [(part, file, *official_weights(file, ema)) for part, file in parts]
     if net_config is None or "_target_" not in net_config:
         if isinstance(files, Mapping):
             raise CheckpointError(
                 f"{source}: the architecture of a model of several files is not read off its weights; give the network's "
                 "config (on the command line: model=hidiff_s2 and data=...)"
             )
-        net_config = infer_network_config(states[""][0], source, net_config)
+        net_config = infer_network_config(states[0][2], source, net_config)
     net = _build(net_config, source)
-    for part, (state, key) in states.items():
-        module = net.get_submodule(part) if part else net
-        file = files[part] if isinstance(files, Mapping) else files
-        load_weights(module, state, f"{file} ({key}{', as ' + part if part else ''})")
-    return LoadedNetwork(net, _as_dict(net_config), {}, source, ",".join(key for _, key in states.values()))
+    for part, file, state, key in states:
+        load_weights(net.get_submodule(part) if part else net, state, f"{file} ({key}{', as ' + part if part else ''})")
+    return LoadedNetwork(net, _as_dict(net_config), {}, source, ",".join(key for *_, key in states))
 
 
 def load_network(weights: str | Path | Mapping[str, str], net_config: Mapping | None = None, ema: bool = True) -> LoadedNetwork:
@@ -219,20 +218,9 @@ def load_for_fine_tuning(module: nn.Module, state: Mapping[str, torch.Tensor], s
     network's initialisation.
     """
     expected = module.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
     shared = [key for key in expected if key in state]
     widened = [key for key in shared if state[key].shape != expected[key].shape and _widens_input(state[key], expected[key])]
-    wrong_shape = [
-        f"{key} {tuple(state[key].shape)} (model: {tuple(expected[key].shape)})"
-        for key in shared
-        if state[key].shape != expected[key].shape and key not in widened
-    ]
-    problems = [
-        f"{label} {listing(keys)}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-        if keys
-    ]
+    problems = mismatches(expected, state, widened)
     if problems and strict:
         raise CheckpointError(
             f"model.init_ckpt={source} does not fit {type(module).__name__}: "
