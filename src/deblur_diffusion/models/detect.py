@@ -26,7 +26,7 @@ from deblur_diffusion.checkpoints import CheckpointError
 # FFN expansion factors tried before one derived from the widths (int(width * factor) must give
 # every level's hidden width): 2.66, the constructor default of Restormer (restormer_arch.py) and
 # Swintormer (Swintormer_arch.py) that their releases use; 2, HI-Diff's RealBlur transformer
-# (options RealBlur_*_S2.yml); the others are round values a user's variant may take.
+# (its RealBlur option files); the others are round values a user's variant may take.
 KNOWN_FFN_FACTORS = (2.66, 2.0, 3.0, 4.0, 1.0)
 LEVEL_PREFIXES = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")
 LEVEL_WIDTHS = (1, 2, 4, 8)
