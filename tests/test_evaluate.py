@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
-from networks import official_hidiff_config
 from PIL import Image
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -138,26 +137,57 @@ def test_official_files_load_through_the_user_path(parity_dir, name, builder):
     assert (restored - expected.clamp(0, 1)).abs().max().item() < 1e-5
 
 
-def test_official_hidiff_files_load_as_parts(parity_dir):
-    folder = parity_dir / "hidiff"
-    kwargs = json.loads((folder / "config.json").read_text())["kwargs"]
-    net_config = official_hidiff_config(kwargs, timesteps=8)
-    files = {
-        part: str(folder / f"{name}.pth")
-        for part, name in (("transformer", "net_g"), ("condition_encoder", "net_le_dm"), ("denoiser", "net_d"))
-    }
-    net = load_network(files, net_config).net.eval()
+# The official file of each HI-Diff part (its test option files' network_g, network_le_dm, ...).
+HIDIFF_STAGE_TWO_PARTS = {"transformer": "net_g", "condition_encoder": "net_le_dm", "denoiser": "net_d"}
+HIDIFF_STAGE_ONE_PARTS = {"transformer": "net_g", "latent_encoder": "net_le"}
+
+
+def official_hidiff_files(folder, parts):
+    return {part: str(folder / f"{name}.pth") for part, name in parts.items()}
+
+
+@pytest.mark.parametrize("kind, noise", [("hidiff", "noise"), ("hidiff_realblur", "noise_test")])
+def test_official_hidiff_files_load_with_no_config_and_reproduce_the_official_outputs(parity_dir, kind, noise):
+    folder = parity_dir / kind
+    fixture = json.loads((folder / "config.json").read_text())
+    timesteps = fixture["kwargs"]["diffusion_schedule"]["timesteps"]
     inputs, outputs = (torch.load(folder / f"{n}.pt", weights_only=True) for n in ("inputs", "outputs"))
+    # The fixtures shrink T; only the schedule's length is given, the rest is read off the weights.
+    loaded = load_network(official_hidiff_files(folder, HIDIFF_STAGE_TWO_PARTS), {"diffusion": {"timesteps": timesteps}})
+    for part, name in (("transformer", "net_g"), ("condition_encoder", "net_le_dm"), ("denoiser", "net_d")):
+        read = loaded.net_config[part]
+        assert {key: read[key] for key in fixture["kwargs"][name]} == fixture["kwargs"][name], part
+    net = loaded.net.eval()
     with torch.no_grad():
-        assert (net(inputs["lq"], net.sample_prior(inputs["lq"], inputs["noise"])) - outputs["out_stage2"]).abs().max() < 1e-5
+        assert (net(inputs["lq"], net.sample_prior(inputs["lq"], inputs[noise])) - outputs["out_stage2"]).abs().max() < 1e-5
+    stage_one = load_network(official_hidiff_files(folder, HIDIFF_STAGE_ONE_PARTS)).net.eval()
+    with torch.no_grad():
+        assert (stage_one(torch.cat([inputs["lq"], inputs["gt"]], dim=1)) - outputs["out_stage1"]).abs().max() < 1e-5
+
+
+def test_hidiff_files_get_their_release_schedule_and_refuse_foreign_parts(parity_dir, tmp_path):
+    gopro = load_network(official_hidiff_files(parity_dir / "hidiff", HIDIFF_STAGE_TWO_PARTS)).net.diffusion
+    realblur = load_network(official_hidiff_files(parity_dir / "hidiff_realblur", HIDIFF_STAGE_TWO_PARTS)).net.diffusion
+    # GoPro_S2.yml: T = 8, betas evenly spaced; RealBlur_J_S2.yml: T = 16, LDM's scaled betas, x0.
+    assert (gopro.timesteps, gopro.schedule, gopro.prediction) == (8, "linear", "eps")
+    assert (realblur.timesteps, realblur.schedule, realblur.prediction, realblur.clip_x0) == (16, "scaled_linear", "x0", False)
+    with pytest.raises(CheckpointError, match=r"the parts \['transformer'\] are no model"):
+        load_network({"transformer": parity_dir / "hidiff" / "net_g.pth"})
+    mixed = {**official_hidiff_files(parity_dir / "hidiff", HIDIFF_STAGE_TWO_PARTS)}
+    state = torch.load(parity_dir / "hidiff" / "net_le_dm.pth", weights_only=True)["params"]
+    state["end.0.weight"], state["end.0.bias"] = torch.zeros(64, 8), torch.zeros(64)
+    torch.save({"params": state}, tmp_path / "wide.pth")
+    mixed["condition_encoder"] = str(tmp_path / "wide.pth")
+    with pytest.raises(CheckpointError, match=r"wide.pth gives 64-wide prior tokens but .*net_g.pth integrates 32-wide"):
+        load_network(mixed)
+    with pytest.raises(CheckpointError, match=r"\['steps'\] are not arguments of the HI-Diff.diffusion"):
+        load_network(official_hidiff_files(parity_dir / "hidiff", HIDIFF_STAGE_TWO_PARTS), {"diffusion": {"steps": 4}})
 
 
 def test_a_file_of_another_architecture_is_named_by_its_keys(parity_dir):
     config = {"_target_": "deblur_diffusion.models.Restormer", **TINY_RESTORMER_KWARGS}
     with pytest.raises(CheckpointError, match=r"net_g\.pth \(params\) does not fit Restormer: missing .* keys: .*unexpected"):
         load_network(parity_dir / "swintormer" / "net_g.pth", config)
-    with pytest.raises(CheckpointError, match="several files is not read off its weights"):
-        load_network({"transformer": parity_dir / "hidiff" / "net_g.pth"})
 
 
 # The window, which no weight holds, is the one argument a released Swintormer file needs besides

@@ -149,10 +149,12 @@ def report_errors(task: Callable) -> Callable:
 def weights_and_architecture(cfg: DictConfig) -> tuple[str | dict, dict | None]:
     """``cfg.ckpt`` and, when a model config was given (for official files), its network config;
     without one, ``cfg.architecture``'s values override what is read off an official file's weights
-    (``architecture.window_size=8``: Swintormer's window, which no weight holds)."""
+    (``architecture.window_size=8``: Swintormer's window, which no weight holds;
+    ``+architecture.diffusion.timesteps=16``: HI-Diff's T)."""
     weights = OmegaConf.to_container(cfg.ckpt, resolve=True) if isinstance(cfg.ckpt, DictConfig) else cfg.ckpt
     if not cfg.get("model"):
-        overrides = {key: value for key, value in (cfg.get("architecture") or {}).items() if value is not None}
+        given = OmegaConf.to_container(cfg.architecture, resolve=True) if cfg.get("architecture") else {}
+        overrides = {key: value for key, value in given.items() if value is not None}
         return weights, overrides or None
     missing = sorted(OmegaConf.missing_keys(cfg.model.net))
     if missing:

@@ -11,7 +11,8 @@ Three kinds of weights load through :func:`load_network`:
   node of ``conf/model/restormer.yaml``), and one without ``_target_`` overrides what was read.
   Models made of several files (HI-Diff: ``net_g``, ``net_le_dm``, ``net_d``) take a mapping from
   the network's part to its file, e.g. ``{transformer: net_g.pth, condition_encoder: net_le_dm.pth,
-  denoiser: net_d.pth}``, and their config.
+  denoiser: net_d.pth}``; their architecture is read off them too, but for the diffusion schedule
+  (the release's of the variant, unless given, e.g. ``{diffusion: {timesteps: 4}}``).
 
 :func:`save_official` writes a network in that release format (the files its ``official_files`` names,
 with ``params`` and, for a run with an EMA, ``params_ema``).
@@ -39,7 +40,7 @@ from deblur_diffusion.checkpoints import (
     read_checkpoint,
     stage_weights,
 )
-from deblur_diffusion.models.detect import infer_network_config
+from deblur_diffusion.models.detect import infer_network_config, infer_parts_config
 from deblur_diffusion.models.interface import RestorationNetwork
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -101,19 +102,18 @@ def _exported_network(path: Path) -> LoadedNetwork:
 
 def _official_network(files: str | Path | Mapping[str, str], net_config: Mapping | None, ema: bool) -> LoadedNetwork:
     """Official release files. ``net_config`` with a ``_target_`` is the architecture; without one
-    (or None) the architecture of a single file is read off its weights
-    (:func:`~deblur_diffusion.models.detect.infer_network_config`) and ``net_config`` holds overrides
-    of what was read (e.g. ``{"window_size": 8}``)."""
+    (or None) the architecture is read off the weights
+    (:mod:`~deblur_diffusion.models.detect`) and ``net_config`` holds overrides of what was read
+    (e.g. ``{"window_size": 8}``)."""
     source = str(dict(files)) if isinstance(files, Mapping) else str(files)
     parts = list(files.items()) if isinstance(files, Mapping) else [("", files)]
     states = [(part, file, *official_weights(file, ema)) for part, file in parts]
     if net_config is None or "_target_" not in net_config:
         if isinstance(files, Mapping):
-            raise CheckpointError(
-                f"{source}: the architecture of a model of several files is not read off its weights; give the network's "
-                "config (on the command line: model=hidiff_s2 and data=...)"
-            )
-        net_config = infer_network_config(states[0][2], source, net_config)
+            part_states = {part: state for part, _, state, _ in states}
+            net_config = infer_parts_config(part_states, {part: str(file) for part, file in parts}, net_config)
+        else:
+            net_config = infer_network_config(states[0][2], source, net_config)
     net = _build(net_config, source)
     for part, file, state, key in states:
         load_weights(net.get_submodule(part) if part else net, state, f"{file} ({key}{', as ' + part if part else ''})")
