@@ -364,7 +364,7 @@ def test_predict_keeps_names_and_bit_depth_and_reports_a_corrupt_file(tmp_path):
         *TINY_RESTORMER_OVERRIDES,
         f"input={inputs}",
         f"output={tmp_path}/out",
-        "tile_above_pixels=2000",
+        "max_pixels=2000",
         "inference.tile_size=32",
         "inference.stride=24",
         cwd=tmp_path,

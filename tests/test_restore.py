@@ -11,9 +11,10 @@ from networks import TINY_UNET
 from PIL import Image, ImageCms, ImageOps
 
 from deblur_diffusion import load_pretrained
+from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.models import Restormer
-from deblur_diffusion.restorer import Restorer
+from deblur_diffusion.restorer import Restorer, whole_image_budget
 
 # bf16 against fp32 on the official-code parity fixtures (tiny configs, the official weights):
 # the largest difference of a restored value in [0, 1] stays below this (README: precision).
@@ -62,6 +63,26 @@ def test_running_out_of_memory_falls_back_to_smaller_tiles(caplog):
     hopeless = Restorer(RunsOutOfMemory(net, 32 * 32), Inference("tiles", tile_size=64, stride=64, tile_batch_size=1), device="cpu")
     with pytest.raises(Exception, match="ran out of memory even on 64 px tiles, one per call"):
         hopeless.restore(image)
+
+
+def test_the_whole_image_budget_is_given_or_measured_on_the_gpu():
+    restorer = Restorer(Restormer(**TINY_UNET), device="cpu")
+    assert whole_image_budget(restorer, 5000) == 5000
+    assert whole_image_budget(restorer, "auto") == 2048 * 2048  # the CPU's allocator reports no peak
+    with pytest.raises(ConfigError, match="max_pixels must be a positive number of pixels or 'auto', got 0"):
+        whole_image_budget(restorer, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures a GPU's free memory")
+def test_the_measured_gpu_budget_restores_an_image_of_that_size_whole():
+    restorer = Restorer(Restormer(**TINY_UNET), device="cuda")
+    budget = whole_image_budget(restorer, "auto")
+    free, _ = torch.cuda.mem_get_info()
+    assert 256 * 256 < budget < free  # at least one byte per pixel
+    side = min(int(budget**0.5), 4096)
+    torch.cuda.reset_peak_memory_stats()
+    restorer.restore(torch.rand(1, 3, side, side))
+    assert torch.cuda.max_memory_allocated() < free
 
 
 def test_predict_restores_photos_upright_and_keeps_their_colour_profile(tmp_path):

@@ -3,7 +3,8 @@
 Every image of ``input`` (a file, or the images directly inside a folder) is restored and written
 to ``output`` under its own file name, with its own bit depth (8 or 16), turned upright by its
 EXIF orientation and with its ICC colour profile kept (PNG and JPEG). Images larger than
-``tile_above_pixels`` are restored on overlapping tiles. An unreadable image is reported at the end
+``max_pixels`` (``auto``: what the GPU's free memory holds, 4 MP on a CPU) are restored on
+overlapping tiles, and on tiles halved in size after an out-of-memory error. An unreadable image is reported at the end
 and the others are still restored (exit status 1 if any failed). Nothing is ever written into the
 input folder.
 
@@ -37,7 +38,7 @@ from deblur_diffusion.data.folders import DPDD_VIEWS
 from deblur_diffusion.data.io import is_image_file, list_images, read_image_raw, read_photo, to_float, write_image
 from deblur_diffusion.data.priors import prior_path
 from deblur_diffusion.errors import ConfigError, DeblurError
-from deblur_diffusion.restorer import Restorer
+from deblur_diffusion.restorer import Restorer, whole_image_budget
 
 
 def input_files(source: Path) -> list[Path]:
@@ -150,7 +151,7 @@ class PriorSource:
 
 
 def restore_file(
-    restorer: Restorer, tiled: Restorer, photo: Photo, output: Path, tile_above_pixels: int, prior: PriorSource | None = None
+    restorer: Restorer, tiled: Restorer, photo: Photo, output: Path, max_pixels: int, prior: PriorSource | None = None
 ) -> Path:
     """Restores one photo (or dual-pixel pair) upright (its EXIF orientation applied) and writes it
     with its bit depth and ICC profile (the file carries no orientation any more)."""
@@ -164,7 +165,7 @@ def restore_file(
     if prior is not None:
         planes.append(prior(photo, planes[0].shape))
     image = torch.from_numpy(np.concatenate(planes, axis=2)).permute(2, 0, 1)
-    chosen = tiled if image.shape[1] * image.shape[2] > tile_above_pixels else restorer
+    chosen = tiled if image.shape[1] * image.shape[2] > max_pixels else restorer
     restored = chosen.restore(image)
     return write_image(output / photo.output_name, restored.permute(1, 2, 0).numpy(), bit_depth, profile)
 
@@ -204,12 +205,13 @@ def predict(cfg: DictConfig) -> tuple[list[Path], dict[Path, str]]:
     tiled_inference.mode = "tiles"
     tiled_inference.progress = True
     tiled = Restorer(restorer.net, tiled_inference, restorer.device, restorer.weights, restorer.precision)
+    max_pixels = whole_image_budget(restorer, cfg.max_pixels)
 
     console = Console()
     written, failures = [], {}
     for photo in track(todo, description=f"restoring {len(todo)} images", console=console):
         try:
-            written.append(restore_file(restorer, tiled, photo, output, cfg.tile_above_pixels, prior))
+            written.append(restore_file(restorer, tiled, photo, output, max_pixels, prior))
         except DeblurError as error:
             failures[photo.views[0]] = str(error)
     console.print(f"Restored {len(written)} of {len(todo)} images into {output}", highlight=False)

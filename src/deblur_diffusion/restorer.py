@@ -28,6 +28,12 @@ from deblur_diffusion.weights import load_network
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Out of memory: retry on tiles halved down to this side.
 SMALLEST_TILE = 64
+# Whole-image budget (whole_image_budget): the side of the image whose forward is measured on a
+# GPU, the share of free memory left to the allocator's fragmentation and to the tiles' stitching,
+# and the budget on a CPU (2048 x 2048).
+PROBE_SIDE = 256
+MEMORY_MARGIN = 0.3
+CPU_MAX_PIXELS = 2048 * 2048
 LOG = logging.getLogger("deblur_diffusion")
 
 
@@ -157,6 +163,43 @@ def load_pretrained(
         settings = {k: v for k, v in loaded.inference_config.items() if k != "_target_"}
         inference = Inference(**settings)
     return Restorer(loaded.net, inference, device, loaded.weights, precision)
+
+
+def whole_image_budget(restorer: Restorer, max_pixels: int | str = "auto") -> int:
+    """The most pixels an image may have to be restored whole (larger ones go on tiles).
+
+    ``max_pixels`` as a number is that budget. ``"auto"``: on a GPU, what fits in the memory free
+    now, from the peak memory of one forward of a ``PROBE_SIDE``-px image (the networks' activations
+    grow linearly with the pixels: channel attention, windowed attention, convolutions) with
+    ``MEMORY_MARGIN`` left over; elsewhere ``CPU_MAX_PIXELS``, as the CPU's allocator reports no peak.
+    """
+    if max_pixels != "auto":
+        if not isinstance(max_pixels, int) or max_pixels < 1:
+            raise ConfigError(f"max_pixels must be a positive number of pixels or 'auto', got {max_pixels!r}")
+        return max_pixels
+    if restorer.device.type != "cuda":
+        return CPU_MAX_PIXELS
+    channels = restorer.input_channels * (2 if restorer.needs_sharp else 1)
+    probe = torch.zeros(1, channels, PROBE_SIDE, PROBE_SIDE, device=restorer.device)
+    torch.cuda.synchronize(restorer.device)
+    torch.cuda.reset_peak_memory_stats(restorer.device)
+    before = torch.cuda.memory_allocated(restorer.device)
+    dtype = PRECISIONS[restorer.precision]
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext():
+        restorer.net(probe)
+    bytes_per_pixel = (torch.cuda.max_memory_allocated(restorer.device) - before) / PROBE_SIDE**2
+    del probe
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(restorer.device)
+    budget = int(free * (1 - MEMORY_MARGIN) / max(bytes_per_pixel, 1.0))
+    LOG.info(
+        "whole images up to %.1f MP on %s (%.0f bytes per pixel, %.1f GiB free)",
+        budget / 1e6,
+        restorer.device,
+        bytes_per_pixel,
+        free / 2**30,
+    )
+    return budget
 
 
 def pick_device(device: str) -> torch.device:
