@@ -75,6 +75,7 @@ def _as_overrides(node, prefix: str) -> list[str]:
 # data or trainers: a Restormer that trains a few steps in seconds on a CPU, small synthetic pairs,
 # and a four-step trainer.
 _DEBUG = OmegaConf.load(Path(config_dir()) / "debug" / "tiny.yaml")
-TINY_RESTORMER = _as_overrides(_DEBUG.model.net, "model.net")
-TINY_SYNTHETIC = _as_overrides(_DEBUG.data, "data")
+TINY_RESTORMER = _as_overrides(OmegaConf.load(Path(config_dir()) / "model" / "restormer_tiny.yaml").net, "model.net")
+_TINY_DATA = {key: value for key, value in OmegaConf.load(Path(config_dir()) / "data" / "synthetic_tiny.yaml").items() if key != "defaults"}
+TINY_SYNTHETIC = _as_overrides(OmegaConf.merge(_TINY_DATA, _DEBUG.data), "data")
 FAST_TRAINER = ["trainer=cpu", *_as_overrides(_DEBUG.trainer, "trainer")]

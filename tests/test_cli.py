@@ -1,12 +1,25 @@
 """The command-line entry points end to end, as a user runs them."""
 
 import csv
+import json
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import FAST_TRAINER, TINY_SYNTHETIC, run_cli
 
 pytestmark = pytest.mark.slow
+
+
+def checkout_commit() -> str:
+    """git's own answer: the commit of this checkout, +dirty when tracked files differ from it."""
+    root = Path(__file__).parents[1]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "HEAD", "--quiet"], cwd=root, check=False).returncode != 0
+    return commit + ("+dirty" if dirty else "")
 
 
 def train_args(tmp_path, *extra):
@@ -28,6 +41,18 @@ def test_train_writes_checkpoint_samples_and_table_then_resumes_from_its_step(tm
     state = torch.load(last, weights_only=True)
     assert state["global_step"] == 4
     assert state["deblur_diffusion_config"]["model"]["net"]["dim"] == 8
+    # What made it, against pip's metadata and git's own answer for this checkout.
+    made_by = {"version": version("deblur-diffusion"), "commit": checkout_commit()}
+    assert state["deblur_diffusion_provenance"] == made_by
+    assert f"deblur-diffusion {made_by['version']} (commit {made_by['commit']})" in first.stdout
+    exported = run_cli("export", f"ckpt={last}", f"out={tmp_path}/export", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())["provenance"] == made_by
+    scored = run_cli(
+        "evaluate", f"ckpt={last}", "data=synthetic_tiny", "split=val", "lpips=false", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path
+    )
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["provenance"] == made_by
 
     resumed = run_cli(
         "train",

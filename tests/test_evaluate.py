@@ -341,6 +341,34 @@ def test_evaluate_without_a_test_split_says_so(tmp_path):
 
 
 @pytest.mark.slow
+def test_evaluate_logs_its_per_image_table_with_pictures_to_wandb(tmp_path):
+    _, path = tiny_official_file(tmp_path)
+    offline = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": str(tmp_path / "none")}
+    result = run_cli(
+        "evaluate",
+        f"ckpt={path}",
+        *TINY_RESTORMER_OVERRIDES,
+        "split=val",
+        "data.val.length=3",
+        "data.val.image_size=32",
+        "lpips=false",
+        "wandb.enabled=true",
+        "wandb.images=2",
+        f"hydra.run.dir={tmp_path}/eval",
+        cwd=tmp_path,
+        env=offline,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "eval" / "wandb").glob("offline-run-*")
+    (table_file,) = (run / "files" / "media" / "table").glob("per_image_*.table.json")
+    table = json.loads(table_file.read_text())
+    names = [row["name"] for row in csv.DictReader((tmp_path / "eval" / "per_image.csv").read_text().splitlines())]
+    assert [row[0] for row in table["data"]] == names and len(names) == 3
+    assert table["columns"][-1] == "blurry | restored | sharp"
+    assert [row[-1] is not None for row in table["data"]] == [True, True, False]  # pictures of the first two
+
+
+@pytest.mark.slow
 def test_predict_keeps_names_and_bit_depth_and_reports_a_corrupt_file(tmp_path):
     _, path = tiny_official_file(tmp_path)
     inputs = tmp_path / "in"

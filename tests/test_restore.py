@@ -73,7 +73,7 @@ def test_the_whole_image_budget_is_given_or_measured_on_the_gpu():
         whole_image_budget(restorer, 0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures a GPU's free memory")
+@pytest.mark.gpu
 def test_the_measured_gpu_budget_restores_an_image_of_that_size_whole():
     restorer = Restorer(Restormer(**TINY_UNET), device="cuda")
     budget = whole_image_budget(restorer, "auto")

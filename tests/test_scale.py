@@ -17,6 +17,7 @@ from nbclient import NotebookClient
 from test_latent_prior import tiny_model
 
 from deblur_diffusion.data import DeblurDataModule, SyntheticPairs
+from deblur_diffusion.loggers import run_name_and_tags
 from deblur_diffusion.models import (
     HIDiff,
     HIDiffStageOneNet,
@@ -155,7 +156,7 @@ def test_the_wandb_sweep_runs_one_trial_of_the_hydra_entry_point(tmp_path):
     parameters = {name: (options["values"][0] if "values" in options else options["min"]) for name, options in spec["parameters"].items()}
     parameters["data.patch_schedule"] = "[[0,32,2]]"
     command = expand_wandb_command(spec, parameters)
-    assert command[:4] == ["/usr/bin/env", sys.executable, "-m", "deblur_diffusion.train"] and "logger=wandb" in command
+    assert command[:4] == ["/usr/bin/env", sys.executable, "-m", "deblur_diffusion.train"] and "logger=[csv,wandb]" in command
     fixed = [
         *TINY_RESTORMER,
         *[o for o in TINY_SYNTHETIC if "patch_schedule" not in o],
@@ -175,9 +176,45 @@ def test_the_wandb_sweep_runs_one_trial_of_the_hydra_entry_point(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "trial" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    # The csv logger stays beside W&B: what notebooks/inspect_results.ipynb reads.
+    assert "val/psnr" in (tmp_path / "trial" / "csv" / "metrics.csv").read_text().splitlines()[0]
     applied = yaml.safe_load((tmp_path / "trial" / ".hydra" / "config.yaml").read_text())
     assert applied["model"]["optimizer"]["lr"] == parameters["model.optimizer.lr"]
     assert applied["model"]["optimizer"]["weight_decay"] == parameters["model.optimizer.weight_decay"]
+
+
+def test_wandb_runs_are_named_and_tagged_by_what_they_change():
+    overrides = ["model.optimizer.lr=0.0012", "data.patch_schedule=[[0,128,8]]", "logger=[csv,wandb]", "hydra.run.dir=/x", "+paths.a=b"]
+    name, tags = run_name_and_tags("train", overrides)
+    assert name == "train lr=0.0012 patch_schedule=[[0,128,8]]"
+    assert tags == ["model.optimizer.lr=0.0012", "data.patch_schedule=[[0,128,8]]"]
+    assert all(len(tag) <= 64 for tag in run_name_and_tags("train", ["model.net.x=" + "9" * 80])[1])
+
+
+@pytest.mark.slow
+def test_an_optuna_search_resumes_from_its_sqlite_study(tmp_path):
+    search = [
+        "-m",
+        "hparams_search=regression",
+        *TINY_RESTORMER,
+        *[o for o in TINY_SYNTHETIC if "patch_schedule" not in o],
+        *FAST_TRAINER,
+        "test=false",
+        "hydra.sweeper.n_trials=1",
+        "sweep.patch_size=32",
+        "sweep.batch_size=2",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db",
+        "hydra.sweeper.study_name=resumed",
+    ]
+    for attempt in ("first", "second"):
+        result = run_cli("train", *search, f"hydra.sweep.dir={tmp_path}/{attempt}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    import optuna
+
+    studies = optuna.get_all_study_summaries(storage=f"sqlite:///{tmp_path}/study.db")
+    assert [(study.study_name, study.n_trials) for study in studies] == [("resumed", 2)]
+    trials = optuna.load_study(study_name="resumed", storage=f"sqlite:///{tmp_path}/study.db").trials
+    assert all(trial.state == optuna.trial.TrialState.COMPLETE and trial.value > 0 for trial in trials)
 
 
 def tiny_batch(channels=3):

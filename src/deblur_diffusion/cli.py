@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console, RenderableType
 from rich.text import Text
 
+from deblur_diffusion.cluster import run_id
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.restorer import Restorer, pick_device
 from deblur_diffusion.weights import load_network
@@ -29,6 +30,8 @@ OmegaConf.register_new_resolver("with_prior", lambda channels, flag: int(channel
 # ${product:A,B}: A * B, e.g. a validation interval in optimisation steps times the accumulation
 # (Lightning counts val_check_interval in micro-batches).
 OmegaConf.register_new_resolver("product", lambda a, b: int(a) * int(b), replace=True)
+# The run folder's name: the SLURM job or torchrun run when there is one (cluster.run_id).
+OmegaConf.register_new_resolver("run_id", run_id, replace=True)
 
 
 # The package's messages for the run's log file (conf/hydra/job_logging/run_file.yaml). The null

@@ -46,8 +46,11 @@ from deblur_diffusion.data.io import write_image
 from deblur_diffusion.data.patches import WholeImages
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import ConfigError
+from deblur_diffusion.loggers import resolve_wandb_mode
 from deblur_diffusion.metrics import LPIPS, LPIPSUnavailableError
 from deblur_diffusion.protocols import Protocol, get_protocol
+from deblur_diffusion.provenance import provenance
+from deblur_diffusion.visualize import comparison_row
 
 IMAGE_CHANNELS = 3
 GROUND_TRUTH_PRIOR_NOTE = "NOT A RESTORATION: the network's prior was computed from the ground truth (HI-Diff stage one)"
@@ -153,7 +156,7 @@ def evaluate(cfg: DictConfig) -> dict:
     lpips = LPIPS(restorer.device) if cfg.lpips and protocol.lpips else None
     lpips_note = ""
     output_dir = Path(cfg.output_dir)
-    rows = []
+    rows, pictures = [], {}
     loader = datamodule.evaluation_dataloader(cfg.split)
     shown_input = blurry_input(cfg, datamodule, source)
     for batch in track(loader, total=len(source), description=f"evaluating {len(source)} images", console=console):
@@ -177,6 +180,8 @@ def evaluate(cfg: DictConfig) -> dict:
             | {f"input_{metric}": value for metric, value in input_row.items()}
             | ({GROUND_TRUTH_PRIOR_COLUMN: True} if note else {})
         )
+        if cfg.wandb.enabled and len(pictures) < cfg.wandb.images:
+            pictures[source.name(index)] = wandb_picture(blurry_image[0], restored[0], target[0])
         if cfg.save_images:
             name = source.name(index) + source.file_suffix(index)
             write_image(output_dir / "images" / name, restored[0].permute(1, 2, 0).numpy(), bit_depth)
@@ -193,7 +198,47 @@ def evaluate(cfg: DictConfig) -> dict:
     )
     if cfg.compare_to:
         show(console, compare_runs(Path(cfg.compare_to), output_dir))
+    if cfg.wandb.enabled:
+        log_to_wandb(cfg, protocol, rows, metrics, summary, pictures, output_dir)
     return summary
+
+
+# The side of a panel of the pictures sent to W&B: larger images are subsampled to fit.
+WANDB_PANEL_SIDE = 512
+
+
+def wandb_picture(blurry: torch.Tensor, restored: torch.Tensor, sharp: torch.Tensor) -> np.ndarray:
+    """``blurry | restored | sharp`` with PSNR labels, each panel at most ``WANDB_PANEL_SIDE`` wide."""
+    step = -(-max(sharp.shape[-2:]) // WANDB_PANEL_SIDE)
+    return comparison_row(*(image[..., ::step, ::step] for image in (blurry, restored, sharp)))
+
+
+def log_to_wandb(
+    cfg: DictConfig, protocol: Protocol, rows: list[dict], metrics: list[str], summary: dict, pictures: dict, output_dir: Path
+) -> None:
+    """One W&B run (job type ``evaluate``) with the summary and the per-image table, the pictures
+    of the first ``wandb.images`` images in its last column."""
+    try:
+        import wandb
+    except ImportError as error:
+        raise ConfigError("wandb.enabled=true needs wandb, an optional dependency: pip install 'deblur-diffusion[loggers]'") from error
+    ckpt = OmegaConf.to_container(cfg.ckpt) if isinstance(cfg.ckpt, DictConfig) else str(cfg.ckpt)
+    run = wandb.init(
+        project=cfg.wandb.project,
+        name=f"evaluate {protocol.name} {cfg.split} {Path(str(ckpt)).name if isinstance(ckpt, str) else 'parts'}",
+        job_type="evaluate",
+        dir=str(output_dir),
+        mode=resolve_wandb_mode(cfg.wandb.mode),
+        config={"ckpt": ckpt, "split": cfg.split, "protocol": protocol.name, "inference": OmegaConf.to_container(cfg.inference)},
+    )
+    columns = ["name", "group", *metrics, *[f"input_{metric}" for metric in metrics]]
+    table = wandb.Table(columns=[*columns, "blurry | restored | sharp"])
+    for row in rows:
+        picture = pictures.get(row["name"])
+        table.add_data(*(row.get(column) for column in columns), wandb.Image(picture) if picture is not None else None)
+    run.log({"per_image": table})
+    run.summary.update(summary)
+    run.finish()
 
 
 def blurry_input(cfg: DictConfig, datamodule: DeblurDataModule, source: PairSource):
@@ -242,6 +287,7 @@ def write_results(
         "summary": summary,
         "lpips_missing": lpips_note or None,
         GROUND_TRUTH_PRIOR_COLUMN: bool(note),
+        "provenance": provenance(),
     }
     if note:
         record["note"] = note

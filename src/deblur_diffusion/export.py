@@ -29,6 +29,7 @@ from safetensors.torch import save_model
 
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, weights_and_architecture
 from deblur_diffusion.errors import ConfigError
+from deblur_diffusion.provenance import provenance
 from deblur_diffusion.weights import EXPORT_CONFIG, EXPORT_WEIGHTS, load_network, save_official
 
 
@@ -44,6 +45,7 @@ def export(weights, out: str | Path, net_config: Mapping | None = None, inferenc
         "inference": dict(inference_config or loaded.inference_config),
         "weights": loaded.weights,
         "source": loaded.source,
+        "provenance": provenance(),
     }
     OmegaConf.save(OmegaConf.create(record), out / EXPORT_CONFIG)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import netrc
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -38,11 +39,29 @@ def resolve_wandb_mode(mode: str = "auto") -> str:
     return os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_available() else "offline")
 
 
-def wandb_logger(mode: str = "auto", **kwargs) -> WandbLogger:
-    """A Lightning ``WandbLogger`` that works without an account or network (offline mode)."""
+# Overrides that say where a run is, not what it is: left out of W&B run names and tags.
+_PLACE_KEYS = ("hydra.", "paths.", "logger", "callbacks", "ckpt_path")
+# W&B refuses longer tags.
+_MAX_TAG_LENGTH = 64
+
+
+def run_name_and_tags(name: str, overrides: Sequence[str]) -> tuple[str, list[str]]:
+    """A W&B run's name and tags from its command-line overrides: ``name`` followed by what the run
+    changed (``train lr=0.0012 patch_schedule=[[0,128,8]]``: the last part of each key), and one tag
+    per override, so that the runs of a sweep can be told apart and filtered."""
+    kept = [override.lstrip("+~") for override in overrides if not override.lstrip("+~").startswith(_PLACE_KEYS)]
+    short = [f"{key.rsplit('.', 1)[-1]}={value}" for key, _, value in (override.partition("=") for override in kept)]
+    return " ".join([name, *short]), [override[:_MAX_TAG_LENGTH] for override in kept]
+
+
+def wandb_logger(mode: str = "auto", overrides: Sequence[str] = (), **kwargs) -> WandbLogger:
+    """A Lightning ``WandbLogger`` that works without an account or network (offline mode), named
+    and tagged from the run's ``overrides`` (:func:`run_name_and_tags`)."""
     if importlib.util.find_spec("wandb") is None:
         raise ConfigError("logger=wandb needs wandb, an optional dependency: pip install 'deblur-diffusion[loggers]'")
     resolved = resolve_wandb_mode(mode)
+    kwargs["name"], tags = run_name_and_tags(kwargs.get("name") or "run", list(overrides))
+    kwargs["tags"] = [*kwargs.get("tags", []), *tags]
     Path(kwargs.get("save_dir", ".")).mkdir(parents=True, exist_ok=True)
     if resolved == "disabled":
         kwargs["mode"] = "disabled"

@@ -18,6 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
@@ -26,7 +27,9 @@ from rich.table import Table
 
 from deblur_diffusion.checkpoints import CheckpointError
 from deblur_diffusion.cli import RUN_LOG, config_dir, pass_lightning_messages_to_run_log, report_errors, require_complete, show
+from deblur_diffusion.cluster import resume_checkpoint, under_slurm
 from deblur_diffusion.errors import ConfigError
+from deblur_diffusion.provenance import provenance
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -83,23 +86,44 @@ def report(console: Console, output_dir: Path, tables: list[Table], best_checkpo
     show(console, *tables, *lines)
 
 
+def checkpoint_to_resume(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """The checkpoint ``fit`` resumes from: ``ckpt_path`` as given, or for ``auto`` (what ``null``
+    means under SLURM, so that a requeued job resumes) the newest one in this run's folder."""
+    if ckpt_path is None and under_slurm():
+        ckpt_path = "auto"
+    if ckpt_path != "auto":
+        if ckpt_path and not Path(ckpt_path).is_file():
+            raise CheckpointError(f"ckpt_path={ckpt_path} does not exist (the checkpoint to resume from)")
+        return ckpt_path
+    found = resume_checkpoint(output_dir)
+    message = f"resuming from {found}" if found else f"no checkpoint in {output_dir} yet, starting a new run"
+    RUN_LOG.info("ckpt_path=auto: %s", message)
+    if rank_zero_only.rank == 0:
+        Console().print(f"[yellow]ckpt_path=auto[/]: {message}", highlight=False)
+    return str(found) if found else None
+
+
 def train(cfg: DictConfig) -> float | None:
     """Runs one training job from a composed config; returns ``cfg.optimized_metric``."""
     require_complete(cfg)
+    made_by = provenance()
+    RUN_LOG.info("deblur-diffusion %s, commit %s", made_by["version"], made_by["commit"])
+    if rank_zero_only.rank == 0:
+        Console().print(f"deblur-diffusion {made_by['version']} (commit {made_by['commit']})", highlight=False)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise CheckpointError(f"ckpt_path={cfg.ckpt_path} does not exist (the checkpoint to resume from)")
+    ckpt_path = checkpoint_to_resume(cfg.get("ckpt_path"), output_dir)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    if not cfg.get("ckpt_path"):
+    if ckpt_path is None:
         for note in model.warm_start():
-            Console().print(f"[yellow]init_ckpt[/]: {note}", highlight=False)
-            RUN_LOG.info("init_ckpt: %s", note)
+            Console().print(f"[yellow]warm start[/]: {note}", highlight=False)
+            RUN_LOG.info("warm start: %s", note)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    # Lightning refuses a learning-rate monitor without a logger to write to (logger=null, debug presets).
+    callbacks = [c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(model.run_config)
@@ -107,7 +131,7 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         show(Console(), batches)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.evaluate_checkpoint not in ("last", "best"):

@@ -262,7 +262,7 @@ def _source_state(source: PartWeights) -> dict[str, torch.Tensor]:
 
 def warm_start(stage: nn.Module, sources: Sequence[PartWeights]) -> list[str]:
     """Loads each source into its part of ``stage``; every mismatch is named with the file.
-    Returns the notes of fine-tuning sources (what was widened or left out)."""
+    Returns notes for the user: what was loaded where, and what fine-tuning widened or left out."""
     notes = []
     for source in sources:
         module = stage.get_submodule(source.part)
@@ -279,6 +279,7 @@ def warm_start(stage: nn.Module, sources: Sequence[PartWeights]) -> list[str]:
             notes += [f"{label}: {note}" for note in load_for_fine_tuning(module, _source_state(source), source.file, source.strict)]
         else:
             load_weights(module, _source_state(source), label)
+        notes.append(f"{label}: loaded into {source.part or 'the network'}")
     return notes
 
 

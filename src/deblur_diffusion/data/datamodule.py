@@ -192,6 +192,9 @@ class DeblurDataModule(L.LightningDataModule):
         rank, world_size = self._rank_and_world_size()
         trainer = self.trainer
         accumulation = trainer.accumulate_grad_batches if trainer is not None else 1
+        # trainer.overfit_batches=N: every epoch (N batches) starts again from the first batch,
+        # so the run sees the same N batches (patches, augmentations) over and over.
+        overfitting = trainer is not None and trainer.overfit_batches > 0
         return StepBatchSampler(
             dataset_size,
             self.schedule,
@@ -199,7 +202,7 @@ class DeblurDataModule(L.LightningDataModule):
             rank,
             world_size,
             accumulation,
-            first_micro_batch=(lambda: trainer.global_step * accumulation) if trainer is not None else (lambda: 0),
+            first_micro_batch=(lambda: trainer.global_step * accumulation) if trainer is not None and not overfitting else (lambda: 0),
             repeat_small_dataset=self.repeat_small_dataset,
         )
 

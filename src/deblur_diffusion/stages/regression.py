@@ -25,6 +25,7 @@ from deblur_diffusion.checkpoints import EMA_PART_KEY
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.metrics import ssim
+from deblur_diffusion.provenance import provenance
 from deblur_diffusion.weights import PartWeights, fine_tuning_weights, warm_start
 
 IMAGE_CHANNELS = 3
@@ -139,8 +140,8 @@ class RegressionStage(L.LightningModule):
 
     def warm_start(self) -> list[str]:
         """Loads ``warm_start_sources`` into their parts (and the EMA copy). ``train`` calls it before
-        a run from scratch and never on resume, whose checkpoint holds every weight. Returns what
-        fine-tuning sources widened or left out, for the user."""
+        a run from scratch and never on resume, whose checkpoint holds every weight. Returns, for the
+        user, what was loaded where and what fine-tuning sources widened or left out."""
         notes = warm_start(self, self.warm_start_sources)
         if self.ema is not None:
             self.ema.module.load_state_dict(self.averaged_network().state_dict())
@@ -191,7 +192,7 @@ class RegressionStage(L.LightningModule):
         loss = sum(terms.values())
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"training loss is {loss.item()} at step {self.global_step} on images {list(batch['name'])}; "
+                f"training loss is {loss.item()} at step {self.global_step} on rank {self.global_rank}, images {list(batch['name'])}; "
                 "the checkpoints saved so far are intact. Lower the learning rate, enable gradient clipping "
                 "or check these images."
             )
@@ -253,5 +254,6 @@ class RegressionStage(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[EMA_PART_KEY] = self.ema_part
+        checkpoint["deblur_diffusion_provenance"] = provenance()
         if self.run_config is not None:
             checkpoint["deblur_diffusion_config"] = self.run_config

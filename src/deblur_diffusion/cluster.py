@@ -1,0 +1,192 @@
+"""What a run needs on a cluster: a run folder every rank and every requeue agree on, resuming from
+it, preemption that saves at an optimisation step, and ranks that fail together.
+
+* :func:`run_id` names the run folder (``${run_id:}`` in ``conf/train.yaml``): the SLURM job (and
+  array task), which a requeued job keeps; torchrun's rendezvous id; otherwise the launch time.
+* :func:`resume_checkpoint` finds the newest checkpoint of a run folder (``ckpt_path=auto``).
+* :class:`Preemption` saves a checkpoint when the job is signalled (SLURM's requeue signal or
+  SIGTERM), at the end of the optimisation step in progress, so that the resumed run goes on as
+  an uninterrupted one would; on the requeue signal it also requeues the job (``scontrol requeue``).
+* :class:`RanksFailTogether` stops every rank within a second when one fails (a non-finite loss,
+  an error in its data loading), instead of leaving the others blocked in a collective until the
+  process group's timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+from deblur_diffusion.errors import DeblurError
+
+RESUME_FILES = ("checkpoints/last.ckpt", "hpc_ckpt_*.ckpt")
+
+
+def slurm_job() -> str | None:
+    """The SLURM job this process belongs to (``<array job>_<task>`` for an array), or None."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def under_slurm() -> bool:
+    """A SLURM batch job (Lightning's test: an interactive ``srun bash`` is not one)."""
+    return SLURMEnvironment.detect()
+
+
+def run_id() -> str:
+    """The name of a run's folder, the same for every rank and every restart of one job."""
+    job = slurm_job()
+    if job and under_slurm():
+        return f"slurm-{job}"
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID")
+    if elastic and elastic != "none":
+        return f"torchrun-{elastic}"
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def resume_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run folder (``checkpoints/last.ckpt``, Lightning's ``hpc_ckpt_N``), or None."""
+    found = [path for pattern in RESUME_FILES for path in Path(run_dir).glob(pattern) if path.is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
+
+
+class PreemptedError(DeblurError):
+    """The job was signalled; a checkpoint was saved and the run stopped."""
+
+
+class Preemption(L.Callback):
+    """Saves ``dirpath/last.ckpt`` at the end of the optimisation step during which the job was
+    signalled, then stops the run (exit status 1).
+
+    Args:
+        dirpath: where the checkpoint goes (the checkpoint callback's folder, which
+            ``ckpt_path=auto`` reads).
+        requeue_signals: SLURM's warning before the time limit (``sbatch --signal=USR1@120``;
+            Hydra's submitit launcher asks for USR2); under SLURM, rank 0 then requeues the job,
+            which resumes from the checkpoint.
+
+    SIGTERM (``scancel``, a preempting partition, or the time limit itself) saves the same way
+    without requeueing. Lightning's own SLURM handler is replaced: it saves at once, which in the
+    middle of gradient accumulation loses the micro-batches accumulated so far.
+    """
+
+    def __init__(self, dirpath: str | Path, requeue_signals: Sequence[str] = ("SIGUSR1", "SIGUSR2")):
+        self.dirpath = Path(dirpath)
+        self.requeue_signals = {signal.Signals[name] for name in requeue_signals}
+        self.received: signal.Signals | None = None
+        self.previous_handlers: dict[signal.Signals, object] = {}
+        self.last_step = -1
+
+    def _handle(self, signum: int, _frame) -> None:
+        self.received = signal.Signals(signum)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning registered its handlers in fit(), so these replace them for the training loop.
+        if threading.current_thread() is threading.main_thread():
+            for signum in {*self.requeue_signals, signal.SIGTERM}:
+                self.previous_handlers[signum] = signal.signal(signum, self._handle)
+        self.last_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers.clear()
+
+    def _signalled_on_any_rank(self, trainer: L.Trainer) -> signal.Signals | None:
+        received = int(self.received) if self.received is not None else 0
+        if trainer.world_size > 1:
+            received = int(trainer.strategy.reduce(torch.tensor(received, device=trainer.strategy.root_device), reduce_op="max"))
+        return signal.Signals(received) if received else None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        stepped = trainer.global_step != self.last_step
+        self.last_step = trainer.global_step
+        if not stepped:
+            return  # between the micro-batches of one accumulated step
+        received = self._signalled_on_any_rank(trainer)
+        if received is None:
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        requeued = ""
+        if received in self.requeue_signals and under_slurm() and trainer.is_global_zero:
+            requeued = requeue(slurm_job())
+        resume = (
+            "the job run again resumes from it (ckpt_path=auto, the default under SLURM)"
+            if under_slurm()
+            else f"resume with ckpt_path={path}"
+        )
+        raise PreemptedError(
+            f"{received.name} received: stopped after step {trainer.global_step} with its checkpoint saved to {path}{requeued}; {resume}"
+        )
+
+
+def requeue(job: str) -> str:
+    """Asks SLURM to requeue ``job``; says how it went."""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], check=False, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"; scontrol requeue {job} failed: {error}"
+    return f"; job {job} requeued" if result.returncode == 0 else f"; scontrol requeue {job} failed: {result.stderr.strip()}"
+
+
+FAILURE_KEY = "deblur_diffusion/failed_rank"
+
+
+class RanksFailTogether(L.Callback):
+    """When one rank fails, the others exit (status 1) within ``poll_seconds``.
+
+    The failing rank writes its error to the process group's key-value store (the one every rank
+    connected to at start); a thread in every rank polls that key and, when it appears, prints it
+    and ends the process. Without this, the peers of a rank that raised wait in their next
+    all-reduce until the process group times out (30 minutes by default).
+    """
+
+    def __init__(self, poll_seconds: float = 0.5):
+        self.poll_seconds = poll_seconds
+        self.store = None
+        self.stopped = threading.Event()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size < 2 or not dist.is_initialized():
+            return
+        self.store = dist.distributed_c10d._get_default_store()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._watch, args=(self.store, trainer.global_rank, self.stopped), daemon=True).start()
+
+    def _watch(self, store, rank: int, stopped: threading.Event) -> None:
+        while not stopped.wait(self.poll_seconds):
+            with contextlib.suppress(Exception):  # a store gone with its process group ends nothing here
+                if store.check([FAILURE_KEY]):
+                    failure = store.get(FAILURE_KEY).decode()
+                    if not failure.startswith(f"rank {rank} "):
+                        print(f"error: rank {rank} stops because {failure}", file=sys.stderr, flush=True)
+                        os._exit(1)
+                    return
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self.store is None:
+            return
+        message = str(exception).splitlines()[0] if str(exception) else type(exception).__name__
+        self.store.set(FAILURE_KEY, f"rank {trainer.global_rank} failed at step {trainer.global_step}: {message}")
+        # Give the peers' watchers the time to read it before this process (and maybe the store's
+        # server, held by rank 0) goes away.
+        time.sleep(2 * self.poll_seconds)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.stopped.set()
+        self.store = None
