@@ -343,7 +343,7 @@ def test_evaluate_without_a_test_split_says_so(tmp_path):
 @pytest.mark.slow
 def test_evaluate_logs_its_per_image_table_with_pictures_to_wandb(tmp_path):
     _, path = tiny_official_file(tmp_path)
-    offline = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_MODE": "", "NETRC": str(tmp_path / "none")}
+    offline = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_MODE": "offline", "NETRC": str(tmp_path / "none")}
     result = run_cli(
         "evaluate",
         f"ckpt={path}",

@@ -93,7 +93,9 @@ def shard(world_size: int, rank: int, split: str):
         patch_schedule=[[0, 16, 2]],
         num_workers=0,
     )
-    data.trainer = SimpleNamespace(global_rank=rank, world_size=world_size, global_step=0, accumulate_grad_batches=1, training=True)
+    data.trainer = SimpleNamespace(
+        global_rank=rank, world_size=world_size, global_step=0, accumulate_grad_batches=1, overfit_batches=0, training=True
+    )
     loader = data.train_dataloader() if split == "train" else data.val_dataloader()
     if split == "train":
         return [key.index for batch in loader.batch_sampler for key in batch]

@@ -121,7 +121,7 @@ def test_non_finite_loss_stops_with_the_step_and_images():
             return (prediction - target).abs().mean() * float("nan")
 
     stage = RegressionStage(tiny_net(), NaNLoss(), functools.partial(torch.optim.AdamW, lr=1e-3))
-    with pytest.raises(NonFiniteLossError, match=r"nan at step 0 on images \['train_"):
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 0 on rank 0, images \['train_"):
         fit(stage, steps=2)
 
 

@@ -85,7 +85,9 @@ def test_two_ranks_receive_different_pixels_and_random_states():
         data = DeblurDataModule(
             train=SyntheticPairs("train", length=16, image_size=32, kernel_size=5), patch_schedule=[[0, 16, 4]], num_workers=0, seed=3
         )
-        data.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=0, accumulate_grad_batches=1, training=True)
+        data.trainer = SimpleNamespace(
+            global_rank=rank, world_size=2, global_step=0, accumulate_grad_batches=1, overfit_batches=0, training=True
+        )
         torch.manual_seed(3)  # seed_everything gives every rank the same state
         batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)
         received.append((batch, torch.rand(4)))

@@ -18,7 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, read_write
@@ -37,6 +37,13 @@ def instantiate_group(group: DictConfig | None) -> list:
     if not group:
         return []
     return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
+
+
+def switches_for(callbacks: list) -> dict[str, bool]:
+    """Lightning's switches that a callback given explicitly turns on (``callbacks=none`` turns
+    them off, and ``+callbacks.last._target_=...ModelCheckpoint`` adds one back)."""
+    kinds = {"enable_checkpointing": ModelCheckpoint, "enable_progress_bar": ProgressBar, "enable_model_summary": ModelSummary}
+    return {switch: True for switch, kind in kinds.items() if any(isinstance(callback, kind) for callback in callbacks)}
 
 
 def metrics_table(title: str, metrics: dict[str, float], prefix: str) -> Table:
@@ -124,7 +131,7 @@ def train(cfg: DictConfig) -> float | None:
     loggers = instantiate_group(cfg.get("logger"))
     # Lightning refuses a learning-rate monitor without a logger to write to (logger=null, debug presets).
     callbacks = [c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **switches_for(callbacks))
     for logger in trainer.loggers:
         logger.log_hyperparams(model.run_config)
     batches = batch_table(datamodule, trainer.world_size, trainer.accumulate_grad_batches)
