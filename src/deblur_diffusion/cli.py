@@ -18,12 +18,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console, RenderableType
 from rich.text import Text
 
+from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.cluster import run_id
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.restorer import Restorer, pick_device
 from deblur_diffusion.weights import load_network
 
-IMAGE_CHANNELS = 3
 # ${with_prior:CHANNELS,FLAG}: CHANNELS, plus the 3 of a diffusion prior when FLAG is set (a prior
 # folder, or true for the online prior); lets data and model configs agree on the input channels.
 OmegaConf.register_new_resolver("with_prior", lambda channels, flag: int(channels) + (IMAGE_CHANNELS if flag else 0), replace=True)

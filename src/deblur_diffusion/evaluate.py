@@ -31,6 +31,7 @@ from rich.progress import track
 from rich.table import Table
 from rich.text import Text
 
+from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.cli import (
     config_dir,
     report_errors,
@@ -42,7 +43,7 @@ from deblur_diffusion.cli import (
 )
 from deblur_diffusion.compare import compare_runs
 from deblur_diffusion.data.datamodule import DeblurDataModule
-from deblur_diffusion.data.io import write_image
+from deblur_diffusion.data.io import to_integer_image, write_image
 from deblur_diffusion.data.patches import WholeImages
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import ConfigError
@@ -52,16 +53,15 @@ from deblur_diffusion.protocols import Protocol, get_protocol
 from deblur_diffusion.provenance import provenance
 from deblur_diffusion.visualize import comparison_row
 
-IMAGE_CHANNELS = 3
 GROUND_TRUTH_PRIOR_NOTE = "NOT A RESTORATION: the network's prior was computed from the ground truth (HI-Diff stage one)"
 GROUND_TRUTH_PRIOR_COLUMN = "prior_from_ground_truth"
 
 
 def quantized(image: torch.Tensor, bit_depth: int) -> torch.Tensor:
-    """The image as a file of ``bit_depth`` bits holds it (rounded half to even, as scikit-image's
-    ``img_as_ubyte`` and NumPy's ``round``)."""
+    """The image as a file of ``bit_depth`` bits holds it (``to_integer_image``: rounded half to
+    even, as scikit-image's ``img_as_ubyte`` and NumPy's ``round``), back in [0, 1]."""
     scale = float(2**bit_depth - 1)
-    return torch.round(image * scale) / scale
+    return torch.from_numpy(to_integer_image(image.numpy(), bit_depth).astype(np.float32)) / scale
 
 
 def resolve_protocol(cfg: DictConfig, datamodule: DeblurDataModule, source: PairSource) -> Protocol:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -39,8 +38,9 @@ from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
+from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, split_datamodule
-from deblur_diffusion.data.io import list_images, read_image, write_image
+from deblur_diffusion.data.io import list_images, read_image, write_atomically, write_image
 from deblur_diffusion.data.patches import WholeImages, to_tensor
 from deblur_diffusion.data.priors import PRIOR_MANIFEST, PRIOR_SETTINGS, prior_path, require_fixed_pairs
 from deblur_diffusion.errors import ConfigError
@@ -49,7 +49,6 @@ from deblur_diffusion.models.latent_prior import PRIORS, LatentPriorModel
 from deblur_diffusion.restorer import pick_device
 from deblur_diffusion.weights import load_network
 
-IMAGE_CHANNELS = 3
 PRIOR_BIT_DEPTH = 16
 
 
@@ -86,9 +85,7 @@ def same_size_batches(
 
 def write_manifest(path: Path, manifest: dict) -> None:
     """Replaces the manifest at once, so that an interrupted run never leaves half a file."""
-    partial = path.with_name(f"{path.name}.partial")
-    partial.write_text(json.dumps(manifest, indent=2))
-    os.replace(partial, path)
+    write_atomically(path, json.dumps(manifest, indent=2))
 
 
 def file_digest(path: str | Path) -> str:

@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
 
+from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, restorer_from_config
 from deblur_diffusion.data.folders import DPDD_VIEWS
 from deblur_diffusion.data.io import is_image_file, list_images, read_image_raw, read_photo, to_float, write_image
@@ -62,7 +63,6 @@ def check_output(source: Path, output: Path) -> None:
         raise ConfigError(f"output {output} is inside the input folder {input_dir}; choose a folder outside it")
 
 
-IMAGE_CHANNELS = 3
 PRIOR_BIT_DEPTH = 16
 
 

@@ -190,11 +190,21 @@ def write_image(path: str | Path, image: np.ndarray, bit_depth: int = 8, icc_pro
     if not ok:
         raise ImageReadError(f"cannot write image {path}: unsupported extension {path.suffix!r}")
     data = encoded.tobytes() if icc_profile is None else with_icc_profile(encoded.tobytes(), path.suffix, icc_profile)
-    partial = path.with_name(f".{path.name}.partial")
     try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        write_atomically(path, data)
     except OSError as err:
-        partial.unlink(missing_ok=True)
         raise ImageReadError(f"cannot write image {path}: {err.strerror or err}") from err
     return path
+
+
+def write_atomically(path: str | Path, data: bytes | str) -> None:
+    """Writes ``data`` to ``path`` whole or not at all: under a temporary name beside it, then
+    renamed over it, so a run killed mid-write leaves the old file (or none), never half of one."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise

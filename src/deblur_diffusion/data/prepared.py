@@ -31,7 +31,7 @@ import cv2
 import lmdb
 import numpy as np
 
-from deblur_diffusion.data.io import decode_image
+from deblur_diffusion.data.io import decode_image, write_atomically
 from deblur_diffusion.data.sources import PairPlanes, PairSource, StoredPairSource
 from deblur_diffusion.errors import ConfigError, DatasetLayoutError, ImageReadError
 
@@ -165,9 +165,7 @@ def _read_manifest(store: Path) -> dict | None:
 
 
 def _write_manifest(store: Path, manifest: dict) -> None:
-    temporary = store / f"{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=1))
-    temporary.replace(store / MANIFEST)
+    write_atomically(store / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def prepare_store(

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.data.io import read_image_raw
 from deblur_diffusion.data.sources import PairPlanes, PairSource, StoredPairSource
 from deblur_diffusion.data.synthetic import SyntheticPairs
 from deblur_diffusion.errors import ConfigError, DatasetLayoutError, ImageReadError, PairMismatchError
 
 PRIOR_SUFFIX = ".png"
-IMAGE_CHANNELS = 3
 # generate_prior's record of a prior folder, and the settings in it that the priors depend on
 # (generate_prior.prior_settings: the model's files by content digest, the prior, T, seed, eta,
 # and the inference: tiles and self-ensemble).

@@ -27,7 +27,9 @@ from collections.abc import Mapping
 
 import torch
 
+from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.checkpoints import CheckpointError
+from deblur_diffusion.models.hidiff import LATENT_ENCODER_SCALE, PRIOR_EXPANSION
 
 # FFN expansion factors tried before one derived from the widths (int(width * factor) must give
 # every level's hidden width): 2.66, the constructor default of Restormer (restormer_arch.py) and
@@ -40,12 +42,10 @@ LEVEL_WIDTHS = (1, 2, 4, 8)
 SWINTORMER_RELEASED_WINDOW = 16
 # The factor by which Swintormer's stem (PixelUnshuffle(2)) multiplies the input channels.
 SWINTORMER_STEM_UNSHUFFLE = 4
-# HI-Diff's latent encoder: PixelUnshuffle(4) multiplies its input channels by 16; stage one reads
-# sharp + blurry, stage two (LE_DM) the blurry image.
-LATENT_ENCODER_UNSHUFFLE = 16
-LATENT_ENCODER_STAGES = {6: 1, 3: 2}
-# The width of HI-Diff's prior tokens in units of the encoder's embed_dim.
-PRIOR_EXPANSION = 4
+# HI-Diff's latent encoder: its PixelUnshuffle multiplies the input channels by the square of its
+# scale; stage one reads sharp + blurry, stage two (LE_DM) the blurry image.
+LATENT_ENCODER_UNSHUFFLE = LATENT_ENCODER_SCALE**2
+LATENT_ENCODER_STAGES = {2 * IMAGE_CHANNELS: 1, IMAGE_CHANNELS: 2}
 # The diffusion of each HI-Diff release, which no weight holds. GoPro (MixerDenoiser): the paper's
 # T = 8, betas linear 0.1 -> 0.99, noise prediction clamped (options/train/GoPro_S2.yml). RealBlur
 # J/R (MLPDenoiser): the LDM DDPM of RealBlur_*_S2.yml, T = 16 with LDM's "linear" (scaled) betas,

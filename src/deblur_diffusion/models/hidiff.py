@@ -32,6 +32,7 @@ from einops import rearrange, repeat
 from einops.layers.torch import Rearrange
 from torch import nn
 
+from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.models.blocks import (
     GDFN,
     MDTA,
@@ -44,7 +45,6 @@ from deblur_diffusion.models.blocks import (
 )
 from deblur_diffusion.models.interface import RestorationNetwork
 
-IMAGE_CHANNELS = 3
 PRIOR_EXPANSION = 4
 LATENT_ENCODER_SCALE = 4
 # Three 2x downsamplings in the transformer.

@@ -32,10 +32,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel, VQModel
 from einops import repeat
 from torch import nn
 
+from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.models.blocks import pad_to_multiple
 from deblur_diffusion.models.interface import RestorationNetwork
 
-IMAGE_CHANNELS = 3
 PRIORS = ("official", "paper_decoder")
 # generate_feature.py's split_input_params: 128 px latent tiles every 64 px, clipped border weights.
 OFFICIAL_SPLIT_INPUT = {"ks": (128, 128), "stride": (64, 64), "clip_min_weight": 0.01, "clip_max_weight": 0.5}

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.models.blocks import ChannelLayerNorm, FourLevelUNet, pad_to_multiple
 
-IMAGE_CHANNELS = 3
 _MAX_LOGIT_SCALE = math.log(100.0)
 _SHIFT_MASK_VALUE = -100.0
 # F.normalize's default.

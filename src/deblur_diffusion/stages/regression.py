@@ -21,14 +21,13 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.checkpoints import EMA_PART_KEY
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.metrics import ssim
 from deblur_diffusion.provenance import provenance
 from deblur_diffusion.weights import PartWeights, fine_tuning_weights, warm_start
-
-IMAGE_CHANNELS = 3
 
 
 class NonFiniteLossError(DeblurError):
