@@ -79,3 +79,14 @@ TINY_RESTORMER = _as_overrides(OmegaConf.load(Path(config_dir()) / "model" / "re
 _TINY_DATA = {key: value for key, value in OmegaConf.load(Path(config_dir()) / "data" / "synthetic_tiny.yaml").items() if key != "defaults"}
 TINY_SYNTHETIC = _as_overrides(OmegaConf.merge(_TINY_DATA, _DEBUG.data), "data")
 FAST_TRAINER = ["trainer=cpu", *_as_overrides(_DEBUG.trainer, "trainer")]
+
+
+def official_schedule(iters, gt_sizes, batch_sizes):
+    """A ProgressiveSchedule from the official option files' fields (iterations per phase, patch
+    sizes, batch sizes): each phase starts where the previous ones' iterations end."""
+    from itertools import accumulate
+
+    from deblur_diffusion.data.schedule import ProgressiveSchedule
+
+    starts = [0, *accumulate(iters)][: len(iters)]
+    return ProgressiveSchedule([list(phase) for phase in zip(starts, gt_sizes, batch_sizes, strict=True)])

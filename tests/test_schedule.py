@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import official_schedule
 
 from deblur_diffusion.data.schedule import ProgressiveSchedule, StepBatchSampler
 from deblur_diffusion.errors import ConfigError
@@ -14,13 +15,13 @@ OFFICIAL_BATCHES = [8, 5, 4, 2, 1, 1]
 
 
 def test_official_schedule_phases():
-    schedule = ProgressiveSchedule.from_official(OFFICIAL_ITERS, OFFICIAL_PATCHES, OFFICIAL_BATCHES)
+    schedule = official_schedule(OFFICIAL_ITERS, OFFICIAL_PATCHES, OFFICIAL_BATCHES)
     assert schedule.at(0).patch_size == 128 and schedule.at(0).batch_size == 8
     assert schedule.at(91999).patch_size == 128
     assert schedule.at(92000).patch_size == 160 and schedule.at(92000).batch_size == 5
     assert schedule.at(156000).patch_size == 192
     assert schedule.at(299999).patch_size == 384 and schedule.at(10**7).batch_size == 1
-    assert schedule.max_patch_size == 384
+    assert [phase.start_iteration for phase in schedule.phases] == [0, 92000, 156000, 204000, 240000, 276000]
 
 
 @pytest.mark.parametrize("phases", [[], [[1, 64, 2]], [[0, 64, 2], [0, 96, 1]], [[0, 64]], [[0, 0, 2]], [[0, 64, 2], [5, 32, 0]]])

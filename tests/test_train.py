@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAST_TRAINER, TINY_RESTORMER, TINY_SYNTHETIC, compose_config
+from conftest import FAST_TRAINER, TINY_RESTORMER, TINY_SYNTHETIC, compose_config, official_schedule
 
 from deblur_diffusion.data.schedule import ProgressiveSchedule
 from deblur_diffusion.losses import CharbonnierLoss
@@ -39,9 +39,7 @@ def test_restormer_presets_compose(tmp_path, experiment):
     assert cfg.model.net.dual_pixel_task == experiment.endswith("dual")
     if experiment != "quickstart":
         # Restormer's option files: phases [92k, 64k, 48k, 36k, 36k, 24k], 8 GPUs x [8, 5, 4, 2, 1, 1] = global [64, 40, 32, 16, 8, 8].
-        schedule = ProgressiveSchedule.from_official(
-            [92000, 64000, 48000, 36000, 36000, 24000], [128, 160, 192, 256, 320, 384], [64, 40, 32, 16, 8, 8]
-        )
+        schedule = official_schedule([92000, 64000, 48000, 36000, 36000, 24000], [128, 160, 192, 256, 320, 384], [64, 40, 32, 16, 8, 8])
         assert ProgressiveSchedule(cfg.data.patch_schedule).phases == schedule.phases
         assert schedule.per_device_batches(8, 1) == [8, 5, 4, 2, 1, 1]
         assert schedule.per_device_batches(1, cfg.trainer.accumulate_grad_batches) == [8, 5, 4, 2, 1, 1]

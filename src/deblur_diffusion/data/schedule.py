@@ -48,20 +48,8 @@ class ProgressiveSchedule:
         self.phases = tuple(parsed)
         self._starts = starts
 
-    @classmethod
-    def from_official(cls, iters: Sequence[int], gt_sizes: Sequence[int], mini_batch_sizes: Sequence[int]) -> ProgressiveSchedule:
-        """From the official option-file fields: iterations per phase, patch sizes, batch sizes."""
-        if not len(iters) == len(gt_sizes) == len(mini_batch_sizes):
-            raise ValueError("iters, gt_sizes and mini_batch_sizes must have the same length")
-        starts = np.concatenate([[0], np.cumsum(iters)[:-1]]).tolist()
-        return cls(list(zip(starts, gt_sizes, mini_batch_sizes, strict=True)))
-
     def at(self, iteration: int) -> Phase:
         return self.phases[bisect.bisect_right(self._starts, iteration) - 1]
-
-    @property
-    def max_patch_size(self) -> int:
-        return max(p.patch_size for p in self.phases)
 
     def per_device_batches(self, world_size: int, accumulation: int) -> list[int]:
         """Each phase's micro-batch per rank: global / (world_size x accumulation), which must divide."""
