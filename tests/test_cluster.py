@@ -161,7 +161,7 @@ def test_trainer_switches_override_without_a_plus_and_plain_progress_prints_line
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert re.search(r"^step 2/4: [\d.]+ steps/s, [\d.]+ min left; train/loss [\d.]+", plain.stdout, re.MULTILINE), plain.stdout
     assert re.search(r"^validation after step 4: .*val/psnr [\d.]+", plain.stdout, re.MULTILINE), plain.stdout
-    assert re.search(r"^validation of the final weights: .*val/psnr [\d.]+", plain.stdout, re.MULTILINE)
+    assert re.search(r"^validation \(closing\): .*val/psnr [\d.]+", plain.stdout, re.MULTILINE)
 
 
 def test_callbacks_none_leaves_no_callback_and_debug_tiny_composes_with_folder_data(tmp_path):
@@ -180,7 +180,7 @@ def test_the_progress_bar_title_of_a_step_based_run():
 
     bar = StepProgressBar()
     bar._trainer = SimpleNamespace(max_epochs=-1)
-    assert bar._get_train_description(0).strip() == "Training"
+    assert bar._get_train_description(0).strip() == "Epoch 0"
     bar._trainer = SimpleNamespace(max_epochs=3)
     assert bar._get_train_description(1).strip() == "Epoch 1/2"
 
@@ -214,3 +214,28 @@ def test_overfit_batches_repeat_the_same_batches_every_epoch(tmp_path):
     assert epoch(0) == epoch(3) == epoch(6)
     trainer.overfit_batches = 0
     assert epoch(0) != epoch(3)  # a normal run moves on with the step
+
+
+def test_auto_resume_refuses_another_runs_checkpoint_and_prefers_the_jobs_own_progress(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from deblur_diffusion.errors import ConfigError
+    from deblur_diffusion.train import checkpoint_to_resume
+
+    without_cluster(monkeypatch)
+    cfg = compose_config("train", tmp_path, "debug=tiny", "ckpt_path=auto")
+    (tmp_path / "checkpoints").mkdir()
+    saved = tmp_path / "checkpoints" / "last.ckpt"
+    torch.save({"deblur_diffusion_config": OmegaConf.to_container(cfg, resolve=True)}, saved)
+    assert checkpoint_to_resume(cfg, tmp_path) == str(saved)
+    other = compose_config("train", tmp_path, "debug=tiny", "ckpt_path=auto", "model.net.dim=16")
+    with pytest.raises(ConfigError, match=r"belongs to another run of this job's folder: model.net.dim \(8 there, 16 now\)"):
+        checkpoint_to_resume(other, tmp_path)
+    # A job submitted with an explicit ckpt_path resumes, once requeued, from its own progress.
+    earlier = tmp_path / "earlier.ckpt"
+    earlier.write_bytes(b"")
+    explicit = compose_config("train", tmp_path, "debug=tiny", f"ckpt_path={earlier}")
+    assert checkpoint_to_resume(explicit, tmp_path) == str(earlier)  # outside a job: as given
+    for name, value in ONE_TASK_JOB.items():
+        monkeypatch.setenv(name, value)
+    assert checkpoint_to_resume(explicit, tmp_path) == str(saved)

@@ -54,6 +54,7 @@ def run(tmp_path, name, *overrides):
         "trainer.val_check_interval=4",
         "test=false",
         "callbacks=none",
+        "trainer.enable_checkpointing=true",  # for the one checkpoint callback added back
         "+callbacks.probe._target_=test_training_data.BatchProbe",
         "+callbacks.last._target_=lightning.pytorch.callbacks.ModelCheckpoint",
         f"+callbacks.last.dirpath={tmp_path}/{name}/ckpt",

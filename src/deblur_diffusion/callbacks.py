@@ -54,13 +54,13 @@ class ValidationSamples(L.Callback):
 
 
 class StepProgressBar(RichProgressBar):
-    """Lightning's Rich progress bar, titled for step-based runs: with ``max_epochs=-1`` one epoch
-    spans the whole run (its bar counts micro-batches to ``max_steps``), so the title is
-    ``Training`` instead of Lightning's ``Epoch 0/-2``."""
+    """Lightning's Rich progress bar, titled ``Epoch N`` when ``max_epochs=-1`` (the runs here are
+    bounded by ``max_steps``; an epoch is one pass over the training pairs) instead of Lightning's
+    ``Epoch N/-2``."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         if self.trainer.max_epochs is None or self.trainer.max_epochs < 0:
-            return f"{'Training':{len(self.validation_description)}}"
+            return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
         return super()._get_train_description(current_epoch)
 
 
@@ -110,5 +110,5 @@ class TextProgress(ProgressBar):
             return
         scores = {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
         shown = " ".join(f"{name} {value:.4g}" for name, value in sorted(scores.items()))
-        when = f"after step {trainer.global_step}" if trainer.state.fn == TrainerFn.FITTING else "of the final weights"
+        when = f"after step {trainer.global_step}" if trainer.state.fn == TrainerFn.FITTING else "(closing)"
         self._print(trainer, f"validation {when}: {shown}")

@@ -31,7 +31,8 @@ OmegaConf.register_new_resolver("with_prior", lambda channels, flag: int(channel
 # (Lightning counts val_check_interval in micro-batches).
 OmegaConf.register_new_resolver("product", lambda a, b: int(a) * int(b), replace=True)
 # The run folder's name: the SLURM job or torchrun run when there is one (cluster.run_id).
-OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+# Cached: Lightning reads hydra.run.dir again when it starts the other ranks, which must get the same folder.
+OmegaConf.register_new_resolver("run_id", run_id, replace=True, use_cache=True)
 
 
 # The package's messages for the run's log file (conf/hydra/job_logging/run_file.yaml). The null

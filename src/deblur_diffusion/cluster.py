@@ -29,6 +29,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from deblur_diffusion.errors import DeblurError
 
@@ -87,12 +88,13 @@ class Preemption(L.Callback):
     def __init__(self, dirpath: str | Path, requeue_signals: Sequence[str] = ("SIGUSR1", "SIGUSR2")):
         self.dirpath = Path(dirpath)
         self.requeue_signals = {signal.Signals[name] for name in requeue_signals}
-        self.received: signal.Signals | None = None
+        self.received: set[signal.Signals] = set()
         self.previous_handlers: dict[signal.Signals, object] = {}
         self.last_step = -1
 
     def _handle(self, signum: int, _frame) -> None:
-        self.received = signal.Signals(signum)
+        # Kept, not replaced: SLURM's warning followed by the time limit's SIGTERM still requeues.
+        self.received.add(signal.Signals(signum))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After Lightning registered its handlers in fit(), so these replace them for the training loop.
@@ -106,32 +108,34 @@ class Preemption(L.Callback):
             signal.signal(signum, handler)
         self.previous_handlers.clear()
 
-    def _signalled_on_any_rank(self, trainer: L.Trainer) -> signal.Signals | None:
-        received = int(self.received) if self.received is not None else 0
+    def _requests(self, trainer: L.Trainer) -> tuple[bool, bool]:
+        """(stop, requeue), each true when any rank received such a signal."""
+        flags = torch.tensor(
+            [float(bool(self.received)), float(bool(self.received & self.requeue_signals))], device=trainer.strategy.root_device
+        )
         if trainer.world_size > 1:
-            received = int(trainer.strategy.reduce(torch.tensor(received, device=trainer.strategy.root_device), reduce_op="max"))
-        return signal.Signals(received) if received else None
+            flags = trainer.strategy.reduce(flags, reduce_op="max")  # elementwise: either rank's request
+        return bool(flags[0]), bool(flags[1])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         stepped = trainer.global_step != self.last_step
         self.last_step = trainer.global_step
         if not stepped:
             return  # between the micro-batches of one accumulated step
-        received = self._signalled_on_any_rank(trainer)
-        if received is None:
+        stop, requeue_job = self._requests(trainer)
+        if not stop:
             return
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
-        requeued = ""
-        if received in self.requeue_signals and under_slurm() and trainer.is_global_zero:
-            requeued = requeue(slurm_job())
+        requeued = requeue(slurm_job()) if requeue_job and under_slurm() and trainer.is_global_zero else ""
         resume = (
             "the job run again resumes from it (ckpt_path=auto, the default under SLURM)"
             if under_slurm()
             else f"resume with ckpt_path={path}"
         )
+        names = "+".join(sorted(signal.Signals(s).name for s in self.received)) or "a signal on another rank"
         raise PreemptedError(
-            f"{received.name} received: stopped after step {trainer.global_step} with its checkpoint saved to {path}{requeued}; {resume}"
+            f"{names} received: stopped after step {trainer.global_step} with its checkpoint saved to {path}{requeued}; {resume}"
         )
 
 
@@ -144,6 +148,8 @@ def requeue(job: str) -> str:
     return f"; job {job} requeued" if result.returncode == 0 else f"; scontrol requeue {job} failed: {result.stderr.strip()}"
 
 
+# Stops that every rank makes together: no peer needs to be told.
+EXPECTED_STOPS = (PreemptedError, SIGTERMException, KeyboardInterrupt, SystemExit)
 FAILURE_KEY = "deblur_diffusion/failed_rank"
 
 
@@ -159,7 +165,7 @@ class RanksFailTogether(L.Callback):
     def __init__(self, poll_seconds: float = 0.5):
         self.poll_seconds = poll_seconds
         self.store = None
-        self.stopped = threading.Event()
+        self.stopped: threading.Event | None = None  # made in setup: an Event does not pickle (ddp_spawn)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.world_size < 2 or not dist.is_initialized():
@@ -173,7 +179,7 @@ class RanksFailTogether(L.Callback):
             with contextlib.suppress(Exception):  # a store gone with its process group ends nothing here
                 if store.check([FAILURE_KEY]):
                     failure = store.get(FAILURE_KEY).decode()
-                    if not failure.startswith(f"rank {rank} "):
+                    if not stopped.is_set() and not failure.startswith(f"rank {rank} "):
                         print(f"error: rank {rank} stops because {failure}", file=sys.stderr, flush=True)
                         os._exit(1)
                     return
@@ -181,12 +187,17 @@ class RanksFailTogether(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self.store is None:
             return
+        self.stopped.set()  # this rank ends by its own exception; its watcher must not race it
+        if isinstance(exception, EXPECTED_STOPS):
+            return  # every rank stops there together (a preemption, an interrupt)
         message = str(exception).splitlines()[0] if str(exception) else type(exception).__name__
-        self.store.set(FAILURE_KEY, f"rank {trainer.global_rank} failed at step {trainer.global_step}: {message}")
-        # Give the peers' watchers the time to read it before this process (and maybe the store's
-        # server, held by rank 0) goes away.
-        time.sleep(2 * self.poll_seconds)
+        with contextlib.suppress(Exception):  # the store's host (rank 0) may be gone already
+            self.store.set(FAILURE_KEY, f"rank {trainer.global_rank} failed at step {trainer.global_step}: {message}")
+            # Give the peers' watchers the time to read it before this process (and maybe the
+            # store's server, held by rank 0) goes away.
+            time.sleep(2 * self.poll_seconds)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.stopped.set()
+        if self.stopped is not None:
+            self.stopped.set()
         self.store = None

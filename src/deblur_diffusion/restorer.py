@@ -185,8 +185,13 @@ def whole_image_budget(restorer: Restorer, max_pixels: int | str = "auto") -> in
     torch.cuda.reset_peak_memory_stats(restorer.device)
     before = torch.cuda.memory_allocated(restorer.device)
     dtype = PRECISIONS[restorer.precision]
-    with torch.no_grad(), torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext():
-        restorer.net(probe)
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            restorer.net(probe)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        LOG.warning("out of memory on a %d px probe: every image goes on tiles", PROBE_SIDE)
+        return PROBE_SIDE**2
     bytes_per_pixel = (torch.cuda.max_memory_allocated(restorer.device) - before) / PROBE_SIDE**2
     del probe
     torch.cuda.empty_cache()

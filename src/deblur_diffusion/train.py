@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from rich.console import Console
 from rich.table import Table
 
-from deblur_diffusion.checkpoints import CheckpointError
+from deblur_diffusion.checkpoints import CheckpointError, read_checkpoint
 from deblur_diffusion.cli import RUN_LOG, config_dir, pass_lightning_messages_to_run_log, report_errors, require_complete, show
 from deblur_diffusion.cluster import resume_checkpoint, under_slurm
 from deblur_diffusion.errors import ConfigError
@@ -39,11 +39,18 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
-def switches_for(callbacks: list) -> dict[str, bool]:
-    """Lightning's switches that a callback given explicitly turns on (``callbacks=none`` turns
-    them off, and ``+callbacks.last._target_=...ModelCheckpoint`` adds one back)."""
+def switches_for(trainer_cfg: DictConfig, callbacks: list) -> tuple[dict[str, bool], list]:
+    """Lightning's switches against the callbacks: one set false removes the callbacks it governs
+    (``trainer.enable_progress_bar=false``, or ``callbacks=none``, which sets all three false); one
+    left unset is turned on when such a callback is given (instead of Lightning adding its own)."""
     kinds = {"enable_checkpointing": ModelCheckpoint, "enable_progress_bar": ProgressBar, "enable_model_summary": ModelSummary}
-    return {switch: True for switch, kind in kinds.items() if any(isinstance(callback, kind) for callback in callbacks)}
+    switches, kept = {}, list(callbacks)
+    for switch, kind in kinds.items():
+        if trainer_cfg.get(switch) is False:
+            kept = [callback for callback in kept if not isinstance(callback, kind)]
+        elif any(isinstance(callback, kind) for callback in kept):
+            switches[switch] = True
+    return switches, kept
 
 
 def metrics_table(title: str, metrics: dict[str, float], prefix: str) -> Table:
@@ -93,21 +100,59 @@ def report(console: Console, output_dir: Path, tables: list[Table], best_checkpo
     show(console, *tables, *lines)
 
 
-def checkpoint_to_resume(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """The checkpoint ``fit`` resumes from: ``ckpt_path`` as given, or for ``auto`` (what ``null``
-    means under SLURM, so that a requeued job resumes) the newest one in this run's folder."""
-    if ckpt_path is None and under_slurm():
-        ckpt_path = "auto"
-    if ckpt_path != "auto":
-        if ckpt_path and not Path(ckpt_path).is_file():
-            raise CheckpointError(f"ckpt_path={ckpt_path} does not exist (the checkpoint to resume from)")
+def restarted_job() -> bool:
+    """A SLURM job (requeued or not) or a torchrun worker restarted after a failure: its run folder
+    is the job's, and a checkpoint there is this run's own progress."""
+    return under_slurm() or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def differing_key(saved: dict, current: dict, prefix: str = "") -> str | None:
+    """The first key (dotted) whose value differs between two configs, or None."""
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = differing_key(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key} ({a!r} there, {b!r} now)"
+    return None
+
+
+def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The checkpoint ``fit`` resumes from: ``cfg.ckpt_path`` as given; for ``auto`` (what ``null``
+    means in a SLURM job or a restarted torchrun worker) the newest one in this run's folder, which
+    in such a job also wins over a given path (the job's own progress since). A folder checkpoint
+    of another model or data (two runs of one job sharing the folder) is refused."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path not in (None, "auto") and not Path(ckpt_path).is_file():
+        raise CheckpointError(f"ckpt_path={ckpt_path} does not exist (the checkpoint to resume from)")
+    if ckpt_path != "auto" and not restarted_job():
         return ckpt_path
     found = resume_checkpoint(output_dir)
-    message = f"resuming from {found}" if found else f"no checkpoint in {output_dir} yet, starting a new run"
+    if found is None:
+        message = f"no checkpoint in {output_dir} yet, " + (
+            f"starting from {ckpt_path}" if ckpt_path not in (None, "auto") else "starting a new run"
+        )
+        chosen = None if ckpt_path == "auto" else ckpt_path
+    else:
+        saved = read_checkpoint(found).get("deblur_diffusion_config") or {}
+        current = OmegaConf.to_container(cfg, resolve=True)
+        for section in ("model", "data"):
+            difference = differing_key(saved.get(section, {}), current.get(section, {}), f"{section}.")
+            if difference:
+                raise ConfigError(
+                    f"{found} belongs to another run of this job's folder: {difference}. Give each training of one job "
+                    "its own hydra.run.dir=..."
+                )
+        message = f"resuming from {found}" + (
+            f" (this job's own progress, not ckpt_path={ckpt_path})" if ckpt_path not in (None, "auto") else ""
+        )
+        chosen = str(found)
     RUN_LOG.info("ckpt_path=auto: %s", message)
     if rank_zero_only.rank == 0:
         Console().print(f"[yellow]ckpt_path=auto[/]: {message}", highlight=False)
-    return str(found) if found else None
+    return chosen
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -120,7 +165,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
-    ckpt_path = checkpoint_to_resume(cfg.get("ckpt_path"), output_dir)
+    ckpt_path = checkpoint_to_resume(cfg, output_dir)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     if ckpt_path is None:
@@ -131,7 +176,8 @@ def train(cfg: DictConfig) -> float | None:
     loggers = instantiate_group(cfg.get("logger"))
     # Lightning refuses a learning-rate monitor without a logger to write to (logger=null, debug presets).
     callbacks = [c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **switches_for(callbacks))
+    switches, callbacks = switches_for(cfg.trainer, callbacks)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **switches)
     for logger in trainer.loggers:
         logger.log_hyperparams(model.run_config)
     batches = batch_table(datamodule, trainer.world_size, trainer.accumulate_grad_batches)
