@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup quickstart train summary evaluate predict synthesize prepare test lint lock clean
+.PHONY: setup quickstart train summary evaluate predict synthesize prepare test docs lint lock clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ prepare: setup  ## the official training crops into a store: make prepare ARGS="
 
 test: setup  ## the test suite (what .ci/run calls)
 	$(BIN)/python -m pytest -n auto $(ARGS)
+
+docs: setup  ## the documentation site into build/site (mkdocs build --strict: no broken link, no page left out)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: setup  ## ruff: lint rules and formatting (pyproject.toml [tool.ruff])
 	$(BIN)/ruff check .

@@ -17,7 +17,7 @@ from deblur_diffusion.models import Restormer
 from deblur_diffusion.restorer import Restorer, whole_image_budget
 
 # bf16 against fp32 on the official-code parity fixtures (tiny configs, the official weights):
-# the largest difference of a restored value in [0, 1] stays below this (README: precision).
+# the largest difference of a restored value in [0, 1] stays below this (docs/guides/inference.md: precision).
 BF16_TOLERANCE = 0.03
 
 

@@ -66,7 +66,7 @@ class Restorer:
         device: where to run (``auto``: CUDA when there is a GPU).
         weights: which weights ``net`` holds (``ema``, ``raw``, an official file's key), for records.
         precision: ``fp32``, ``bf16`` or ``fp16``: the forward runs under ``torch.autocast`` to that
-            type (outputs are float32 either way). See the README for each model's accuracy against fp32.
+            type (outputs are float32 either way). See docs/guides/inference.md for each model's accuracy against fp32.
 
     A device that runs out of memory (``torch.OutOfMemoryError``) is retried on tiles, then on
     smaller tiles (down to 64 px), instead of failing; each fallback is logged.

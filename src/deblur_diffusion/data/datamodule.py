@@ -73,13 +73,16 @@ class DeblurDataModule(L.LightningDataModule):
     ``use_distributed_sampler: false``).
 
     Args:
-        train, val, test: pair sources (any may be None when that stage is not run).
+        train: the training pairs (None when no training runs).
+        val: the validation pairs (None when no validation runs).
+        test: the test pairs (None when no test runs).
         in_channels: input channels the model expects (3, or 6 for dual-pixel); checked against
             the sources so that a model/data mismatch fails before training.
         dual_pixel: whether the input holds two dual-pixel views (read by model configs).
         patch_schedule: ``[[start_step, patch_size, global_batch_size], ...]``; the batch is the
             global one (all ranks and accumulated micro-batches), as the papers state it.
-        flips, rotations: geometric augmentation of training patches.
+        flips: random horizontal and vertical flips of training patches.
+        rotations: random 90-degree rotations of training patches.
         num_workers: data-loading processes (0 loads in the main process).
         seed: seeds the sampling order, crops and augmentations.
         prior_dir: a folder of precomputed diffusion priors (``<prior_dir>/<split>/<pair name>.png``,

@@ -57,7 +57,8 @@ class Inference:
 
     Args:
         mode: ``"whole"`` or ``"tiles"``.
-        tile_size, stride: tile side and step in pixels (stride <= tile_size).
+        tile_size: tile side in pixels.
+        stride: step between tiles in pixels (at most ``tile_size``).
         tile_batch_size: tiles per model call; bounds the memory.
         blend: ``"uniform"`` averaging or ``"gaussian"`` weighting of overlaps.
         progress: show a progress bar when an image has at least ``progress_min_tiles`` tiles.

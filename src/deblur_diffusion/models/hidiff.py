@@ -555,7 +555,10 @@ class HIDiff(RestorationNetwork):
     transformer.
 
     Args:
-        transformer, condition_encoder (LE_DM), denoiser, diffusion: the parts.
+        transformer: the prior-guided Restormer.
+        condition_encoder: LE_DM, the stage-two latent encoder of the blurry image.
+        denoiser: the network of the reverse steps.
+        diffusion: the schedule and the reverse chain.
         noise_seed: the reverse chain starts from z_T drawn once from this seed and shared by every
             image (and tile) of a call, so that results do not depend on batch size, tiling or
             devices; ``None`` draws fresh noise per image from the global generator (official).
