@@ -35,13 +35,14 @@ def unreadable(path: str | Path, error: Exception) -> CheckpointError:
     return CheckpointError(f"{path} is not a checkpoint of this package or an official release ({reason})")
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The whole checkpoint dictionary (weights only, no pickled code)."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """The whole checkpoint dictionary (weights only, no pickled code); ``mmap=True`` maps the
+    tensors instead of reading them (for a look at a checkpoint's records before Lightning loads it)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise unreadable(path, error) from error
     if not isinstance(checkpoint, dict):

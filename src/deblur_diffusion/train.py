@@ -136,7 +136,7 @@ def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
         )
         chosen = None if ckpt_path == "auto" else ckpt_path
     else:
-        saved = read_checkpoint(found).get("deblur_diffusion_config") or {}
+        saved = read_checkpoint(found, mmap=True).get("deblur_diffusion_config") or {}
         current = OmegaConf.to_container(cfg, resolve=True)
         for section in ("model", "data"):
             difference = differing_key(saved.get(section, {}), current.get(section, {}), f"{section}.")
