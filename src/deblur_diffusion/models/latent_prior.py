@@ -28,8 +28,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel, VQModel
-from einops import repeat
+from diffusers import DDIMScheduler, UNet2DModel, VQModel
 from torch import nn
 
 from deblur_diffusion.channels import IMAGE_CHANNELS
@@ -50,7 +49,7 @@ def sqrt_linear_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta
     LatentDiffusion registers it: computed in float64, then cast (diffusers' float32 one is ~6e-7 off)."""
     # NumPy's linspace, as ldm/modules/diffusionmodules/util.py make_beta_schedule.
     betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    return torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
+    return torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32, device="cpu")  # a table, also under a meta-device context
 
 
 def to_image_range(values: torch.Tensor) -> torch.Tensor:
@@ -113,17 +112,27 @@ class LatentPriorModel(RestorationNetwork):
             )
         self.autoencoder = autoencoder
         self.unet = unet
-        schedule = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule)
-        self.training_schedule = DDPMScheduler(**schedule, clip_sample=False)
-        self.sampler = DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        # One scheduler is the noise schedule of training and the DDIM sampler of both priors. With
+        # steps_offset 1, 'leading' spacing and alpha-bar[0] after the last step it runs LDM's DDIMSampler
+        # (timesteps range(0, 1000, 1000 // T) + 1); its alpha-bar is replaced by LDM's float64 one.
+        self.scheduler = DDIMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+        if alphas_cumprod is None and beta_schedule == "scaled_linear":
+            alphas_cumprod = sqrt_linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
+        if alphas_cumprod is not None:
+            self.scheduler.alphas_cumprod = alphas_cumprod.float().cpu()
+            self.scheduler.final_alpha_cumprod = self.scheduler.alphas_cumprod[0]
         self.sampling_steps = sampling_steps
         self.eta = eta
         self.noise_seed = noise_seed
-        if alphas_cumprod is None and beta_schedule == "scaled_linear":
-            alphas_cumprod = sqrt_linear_alphas_cumprod(num_train_timesteps, beta_start, beta_end)
-        elif alphas_cumprod is None:
-            alphas_cumprod = self.sampler.alphas_cumprod.clone()
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.scale_factor = scale_factor
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
@@ -133,6 +142,11 @@ class LatentPriorModel(RestorationNetwork):
         self.unet_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
         self.downsample = 2 ** (len(autoencoder.config.block_out_channels) - 1)
         self.size_multiple = self.downsample * 2 ** (len(unet.config.block_out_channels) - 1)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha-bar of the 1000-step training schedule, the one both training and sampling use."""
+        return self.scheduler.alphas_cumprod
 
     def condition(self, blurry: torch.Tensor) -> torch.Tensor:
         """The blurry image in [-1, 1], area-downsampled to the latent size."""
@@ -168,8 +182,8 @@ class LatentPriorModel(RestorationNetwork):
         with torch.no_grad():
             latents = self.encode(to_model_range(sharp))
         noise = torch.randn_like(latents)
-        steps = torch.randint(0, self.training_schedule.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-        noisy = self.training_schedule.add_noise(latents, noise, steps)
+        steps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, steps)
         prediction = self.unet(torch.cat([noisy, self.condition(blurry)], dim=1), steps).sample
         return F.mse_loss(prediction, noise)
 
@@ -182,37 +196,21 @@ class LatentPriorModel(RestorationNetwork):
         with one image it is the draw the official sampler makes."""
         return torch.randn((1, *batch.shape[1:]), generator=generator).to(batch).expand_as(batch)
 
-    @torch.no_grad()
     def sample_latents(self, blurry: torch.Tensor, steps: int | None = None, trajectory: list | None = None) -> torch.Tensor:
-        """DDIM sampling of the latents of a blurry batch whose sides are multiples of
-        ``size_multiple``. ``trajectory``, when a list, receives the latent after every step."""
-        condition = self.condition(blurry)
-        batch, _, height, width = condition.shape
-        generator = self._generator()
-        shape = (1, self.autoencoder.config.latent_channels, height, width)
-        latents = repeat(torch.randn(shape, generator=generator), "1 c h w -> b c h w", b=batch)
-        latents = latents.to(device=blurry.device, dtype=blurry.dtype)
-        self.sampler.set_timesteps(steps or self.sampling_steps)
-        for step in self.sampler.timesteps:
-            timestep = step.to(blurry.device).expand(batch)
-            predicted_noise = self.unet(torch.cat([latents, condition], dim=1), timestep).sample
-            step_noise = self._shared_noise(latents, generator) if self.eta > 0 else None
-            latents = self.sampler.step(predicted_noise, step, latents, eta=self.eta, variance_noise=step_noise).prev_sample
-            if trajectory is not None:
-                trajectory.append(latents)
-        return latents
+        """The paper's prior latents: :meth:`sample` conditioned on the blurry batch (sides multiples of
+        ``size_multiple``) area-downsampled to the latent size."""
+        return self.sample(self.condition(blurry), steps or self.sampling_steps, self.eta, generator=self._generator(), trajectory=trajectory)
 
     def ddim_schedule(self, steps: int, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """LDM DDIMSampler's 'uniform' schedule: timesteps range(0, T, T // steps) + 1 (ascending),
-        alphas_cumprod there, the previous ones (the first one alphas_cumprod[0]) and the sigmas."""
-        total = self.alphas_cumprod.shape[0]
-        timesteps = torch.arange(0, total, total // steps) + 1
-        alphas_cumprod = self.alphas_cumprod.cpu()
-        alphas = alphas_cumprod[timesteps]
-        alphas_prev = torch.cat([alphas_cumprod[:1], alphas[:-1]])
-        a, ap = alphas.double(), alphas_prev.double()
-        sigmas = (eta * ((1 - ap) / (1 - a) * (1 - a / ap)).sqrt()).float()
-        return timesteps, alphas, alphas_prev, sigmas
+        """What :meth:`sample` runs with ``steps``, in LDM DDIMSampler's terms: its timesteps
+        (ascending), alpha-bar there, the alpha-bar each step moves to (alpha-bar[0] after the last)
+        and each step's noise scale sigma."""
+        self.scheduler.set_timesteps(steps)
+        descending = self.scheduler.timesteps
+        previous = descending - self.scheduler.config.num_train_timesteps // steps
+        alphas_prev = [self.alphas_cumprod[p] if p >= 0 else self.scheduler.final_alpha_cumprod for p in previous]
+        sigmas = [eta * self.scheduler._get_variance(t, p).sqrt() for t, p in zip(descending, previous, strict=True)]
+        return descending.flip(0), self.alphas_cumprod[descending].flip(0), torch.stack(alphas_prev).flip(0), torch.stack(sigmas).flip(0)
 
     def _tiled_noise(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor, tiles: dict) -> torch.Tensor:
         """LDM apply_model with split_input_params: the UNet on overlapping (ks, stride) tiles of the
@@ -245,25 +243,29 @@ class LatentPriorModel(RestorationNetwork):
         x_T: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         tiles: dict | None = None,
+        trajectory: list | None = None,
     ) -> torch.Tensor:
-        """LDM's DDIM sampling (DDIMSampler.sample with eps prediction, no clipping of x0): the final
+        """DDIM sampling as LDM's DDIMSampler.sample (eps prediction, x0 not clipped): the final
         latent, not decoded. ``condition`` (B, 3, H, W) in [-1, 1] has the latent's size; ``x_T``
-        defaults to one (1, C, H, W) draw shared by the batch; ``tiles`` as LDM's split_input_params
-        (ks, stride, clip_min_weight, clip_max_weight) runs the UNet on blended tiles."""
+        defaults to one (1, C, H, W) draw shared by the batch, as is each step's noise; ``tiles`` as
+        LDM's split_input_params (ks, stride, clip_min_weight, clip_max_weight) runs the UNet on
+        blended tiles. ``trajectory``, when a list, receives the latent after every step."""
         batch, _, height, width = condition.shape
         if x_T is None:
             x_T = torch.randn((1, self.unet.config.out_channels, height, width), generator=generator)
-        x = x_T.to(condition).expand(batch, -1, -1, -1).clone()
-        timesteps, alphas, alphas_prev, sigmas = self.ddim_schedule(steps, eta)
-        for index in reversed(range(len(timesteps))):
-            t = torch.full((batch,), int(timesteps[index]), device=x.device, dtype=torch.long)
-            eps = self.predict_noise(x, t, condition) if tiles is None else self._tiled_noise(x, t, condition, tiles)
-            a_t, a_prev, sigma = (v[index].to(x) for v in (alphas, alphas_prev, sigmas))
-            pred_x0 = (x - (1.0 - alphas[index]).sqrt().to(x) * eps) / a_t.sqrt()
-            x = a_prev.sqrt() * pred_x0 + (1.0 - a_prev - sigma**2).sqrt() * eps
-            if eta > 0:
-                x = x + sigma * self._shared_noise(x, generator)
-        return x
+        latents = x_T.to(condition).expand(batch, -1, -1, -1).clone()
+        self.scheduler.set_timesteps(steps)
+        for step in self.scheduler.timesteps:
+            timestep = step.to(condition.device).expand(batch)
+            if tiles is None:
+                eps = self.predict_noise(latents, timestep, condition)
+            else:
+                eps = self._tiled_noise(latents, timestep, condition, tiles)
+            step_noise = self._shared_noise(latents, generator) if eta > 0 else None
+            latents = self.scheduler.step(eps, step, latents, eta=eta, variance_noise=step_noise).prev_sample
+            if trajectory is not None:
+                trajectory.append(latents)
+        return latents
 
     def generate(self, blurry: torch.Tensor, steps: int | None = None) -> torch.Tensor:
         """``decode(sample(blurry))`` for a blurry batch of any size (first three channels read),
