@@ -40,11 +40,13 @@ from rich.console import Console
 from rich.table import Table
 
 from deblur_diffusion.data import DPDD, GoPro, PairSource
+from deblur_diffusion.data.crops import CropRule
 from deblur_diffusion.data.io import write_image
 from deblur_diffusion.data.patches import PatchKey, TrainPatches
-from deblur_diffusion.data.prepared import CropRule, PreparedCrops, prepare_store
+from deblur_diffusion.data.prepared import PreparedCrops
 from deblur_diffusion.data.priors import WithPrior
 from deblur_diffusion.data.sources import PairPlanes
+from deblur_diffusion.data.store_writer import prepare_store
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "coins", "camera", "brick", "hubble_deep_field")
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from deblur_diffusion.checkpoints import CheckpointError, read_checkpoint
+from deblur_diffusion.export import save_official
 from deblur_diffusion.models import (
     HIDiff,
     HIDiffStageOneNet,
@@ -18,7 +19,7 @@ from deblur_diffusion.models import (
     Restormer,
     Swintormer,
 )
-from deblur_diffusion.weights import load_network, save_official
+from deblur_diffusion.weights import load_network
 
 TARGETS = {
     "restormer": "deblur_diffusion.models.Restormer",

@@ -69,7 +69,7 @@ def test_weights_of_another_architecture_fail_naming_the_keys_unless_not_strict(
 def test_a_single_image_file_starts_a_dual_pixel_model_with_its_filters_and_zeros(tmp_path, capsys):
     released, path = official_file(tmp_path, "single")
     dual = Restormer(**TINY_UNET, inp_channels=6, dual_pixel_task=True)
-    from deblur_diffusion.weights import PartWeights, warm_start
+    from deblur_diffusion.stages.warm_start import PartWeights, warm_start
 
     holder = torch.nn.Module()
     holder.net = dual

@@ -7,8 +7,7 @@ from hydra.errors import InstantiationException
 from networks import LEVELLED, TINY_CONFIGS, tiny_inputs, tiny_network
 
 from deblur_diffusion import load_pretrained
-from deblur_diffusion.export import export
-from deblur_diffusion.weights import save_official
+from deblur_diffusion.export import export, save_official
 
 NAMES = list(TINY_CONFIGS)
 

@@ -11,9 +11,11 @@ import torch
 from conftest import FAST_TRAINER, TINY_RESTORMER, run_cli
 
 from deblur_diffusion.data import DPDD, DeblurDataModule, FolderPairs
+from deblur_diffusion.data.crops import CropRule
 from deblur_diffusion.data.patches import PatchKey, TrainPatches
-from deblur_diffusion.data.prepared import CropRule, PreparedCrops, prepare_store
+from deblur_diffusion.data.prepared import PreparedCrops
 from deblur_diffusion.data.priors import WithPrior
+from deblur_diffusion.data.store_writer import prepare_store
 from deblur_diffusion.errors import ConfigError, DatasetLayoutError
 
 
@@ -273,9 +275,9 @@ def test_single_image_dpdd_crops_are_ranked_on_the_16_bit_targets_as_the_officia
 
 
 def test_the_store_grows_its_map_instead_of_reserving_terabytes(tmp_path, rng, monkeypatch):
-    from deblur_diffusion.data import prepared
+    from deblur_diffusion.data import store_writer
 
-    monkeypatch.setattr(prepared, "INITIAL_MAP_SIZE", 64 * 1024)  # smaller than one pair's crops
+    monkeypatch.setattr(store_writer, "INITIAL_MAP_SIZE", 64 * 1024)  # smaller than one pair's crops
     source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b", "c"], (48, 80))
     manifest = prepare_store(source, tmp_path / "store", CropRule(32, 24))
     store = PreparedCrops(tmp_path / "store")

@@ -26,11 +26,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from safetensors.torch import save_model
+from torch import nn
 
+from deblur_diffusion.checkpoints import CheckpointError
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, weights_and_architecture
 from deblur_diffusion.errors import ConfigError
+from deblur_diffusion.models.interface import RestorationNetwork
 from deblur_diffusion.provenance import provenance
-from deblur_diffusion.weights import EXPORT_CONFIG, EXPORT_WEIGHTS, load_network, save_official
+from deblur_diffusion.weights import EXPORT_CONFIG, EXPORT_WEIGHTS, load_network
 
 
 def export(weights, out: str | Path, net_config: Mapping | None = None, inference_config: Mapping | None = None, ema: bool = True) -> Path:
@@ -49,6 +52,32 @@ def export(weights, out: str | Path, net_config: Mapping | None = None, inferenc
     }
     OmegaConf.save(OmegaConf.create(record), out / EXPORT_CONFIG)
     return out
+
+
+def save_official(net: RestorationNetwork, out: str | Path, ema_net: RestorationNetwork | None = None) -> list[Path]:
+    """Writes ``net`` as the authors release it: one ``.pth`` per part named by ``net.official_files``
+    (``net_g.pth``; HI-Diff also ``net_le.pth`` or ``net_le_dm.pth`` and ``net_d.pth``), holding
+    ``{'params': raw weights}`` and, given the EMA copy ``ema_net``, ``'params_ema'`` too, as
+    BasicSR's ``save_network`` writes a run with an EMA; readable by the official test scripts and
+    by :func:`load_network` (which prefers ``params_ema``)."""
+    if not net.official_files:
+        raise CheckpointError(f"{type(net).__name__} has no official release format (its authors release other files)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for part, stem in net.official_files.items():
+        record = {"params": _cpu_state(net, part)}
+        if ema_net is not None:
+            record["params_ema"] = _cpu_state(ema_net, part)
+        path = out / f"{stem}.pth"
+        torch.save(record, path)
+        written.append(path)
+    return written
+
+
+def _cpu_state(net: nn.Module, part: str) -> dict[str, torch.Tensor]:
+    module = net.get_submodule(part) if part else net
+    return {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
 
 
 def export_official(weights, out: str | Path, net_config: Mapping | None = None) -> list[Path]:

@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from deblur_diffusion.data.crops import CropRule
 from deblur_diffusion.data.patches import TrainPatches, WholeImages
-from deblur_diffusion.data.prepared import CropRule, PreparedCrops, source_settings
+from deblur_diffusion.data.prepared import PreparedCrops
 from deblur_diffusion.data.priors import WithPrior
 from deblur_diffusion.data.schedule import ProgressiveSchedule, StepBatchSampler
 from deblur_diffusion.data.sources import PairSource, PairSubset
+from deblur_diffusion.data.store import source_settings
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.protocols import get_protocol
 
@@ -91,7 +93,7 @@ class DeblurDataModule(L.LightningDataModule):
             (:mod:`deblur_diffusion.protocols`), used by ``evaluate``.
         repeat_small_dataset: train on a dataset smaller than one step's samples by repeating
             pairs within a batch (otherwise an error).
-        crops: the official training-crop rule of the dataset (:class:`~deblur_diffusion.data.prepared.CropRule`:
+        crops: the official training-crop rule of the dataset (:class:`~deblur_diffusion.data.crops.CropRule`:
             ``size``, ``stride``, ``keep_sharpest``), what ``python -m deblur_diffusion.data.prepare`` writes.
         prepared_dir: train from the crops prepared into this store instead of the whole images;
             the store must have been made from the configured training set with ``crops`` (checked).

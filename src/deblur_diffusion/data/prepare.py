@@ -1,7 +1,7 @@
 """Prepares the official training crops of a dataset into an LMDB store.
 
 ``python -m deblur_diffusion.data.prepare data=dpdd_dual out=DIR``, then train with
-``data.prepared_dir=DIR``. See :mod:`deblur_diffusion.data.prepared` for the crop rule and the store.
+``data.prepared_dir=DIR``. See :mod:`deblur_diffusion.data.crops` for the crop rule and :mod:`deblur_diffusion.data.store` for the store.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import track
 
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, split_datamodule
-from deblur_diffusion.data.prepared import prepare_store
+from deblur_diffusion.data.store_writer import prepare_store
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="prepare")

@@ -65,9 +65,12 @@ class LatentPriorModel(RestorationNetwork):
     Args:
         autoencoder: the VQ autoencoder (its latent channels are the UNet's output channels).
         unet: the denoiser; reads ``latent_channels + 3`` channels (latent, then the condition).
-        num_train_timesteps, beta_start, beta_end, beta_schedule: the DDPM schedule
-            (``scaled_linear`` is the LDM code's "linear": linear in sqrt(beta)).
-        sampling_steps: T, the number of DDIM steps of :meth:`sample_latents`.
+        num_train_timesteps: the number of steps of the training (DDPM) schedule.
+        beta_start: its first beta.
+        beta_end: its last beta.
+        beta_schedule: how betas go from ``beta_start`` to ``beta_end`` (``scaled_linear`` is the
+            LDM code's "linear": linear in sqrt(beta)).
+        sampling_steps: T, the number of DDIM steps of :meth:`sample`.
         eta: DDIM's stochasticity (1.0 as the official generation script; 0 is deterministic).
         noise_seed: sampling draws its noise from this seed, so a given image always gets the
             same prior. The images of a batch share every draw (the starting latent, as the
@@ -199,7 +202,8 @@ class LatentPriorModel(RestorationNetwork):
     def sample_latents(self, blurry: torch.Tensor, steps: int | None = None, trajectory: list | None = None) -> torch.Tensor:
         """The paper's prior latents: :meth:`sample` conditioned on the blurry batch (sides multiples of
         ``size_multiple``) area-downsampled to the latent size."""
-        return self.sample(self.condition(blurry), steps or self.sampling_steps, self.eta, generator=self._generator(), trajectory=trajectory)
+        steps = steps or self.sampling_steps
+        return self.sample(self.condition(blurry), steps, self.eta, generator=self._generator(), trajectory=trajectory)
 
     def ddim_schedule(self, steps: int, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """What :meth:`sample` runs with ``steps``, in LDM DDIMSampler's terms: its timesteps

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.models.hidiff import HIDiff, HIDiffStageOneNet, LatentEncoder
 from deblur_diffusion.stages.regression import RegressionStage
-from deblur_diffusion.weights import PartWeights
+from deblur_diffusion.stages.warm_start import PartWeights
 
 PRIOR_SCOPES = ("tile", "image")
 

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from deblur_diffusion.models.blocks import pad_to_multiple
 from deblur_diffusion.models.latent_prior import LatentPriorModel, PriorFusedNet, to_model_range
 from deblur_diffusion.stages.regression import RegressionStage
-from deblur_diffusion.weights import PartWeights
+from deblur_diffusion.stages.warm_start import PartWeights
 
 LDM_PARTS = ("autoencoder", "unet")
 # The subfolders of a diffusers LDM folder that hold each part.

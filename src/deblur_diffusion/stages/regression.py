@@ -27,7 +27,7 @@ from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.metrics import ssim
 from deblur_diffusion.provenance import provenance
-from deblur_diffusion.weights import PartWeights, fine_tuning_weights, warm_start
+from deblur_diffusion.stages.warm_start import PartWeights, fine_tuning_weights, warm_start
 
 
 class NonFiniteLossError(DeblurError):
@@ -78,7 +78,7 @@ class RegressionStage(L.LightningModule):
             one, else ``params``), a checkpoint of this package (its EMA weights where it kept them),
             an export folder, or official files by part (``{transformer: net_g.pth, latent_encoder:
             net_le.pth}``). A new run: step 0, a fresh optimiser and schedule, the EMA starting from
-            these weights; never applied on resume. See :func:`~deblur_diffusion.weights.load_for_fine_tuning`
+            these weights; never applied on resume. See :func:`~deblur_diffusion.stages.warm_start.load_for_fine_tuning`
             for a first convolution that gains input channels.
         init_strict: fail when ``init_ckpt`` has missing, unexpected or mis-shaped keys (false:
             report them and keep those parameters as initialised).
