@@ -43,7 +43,7 @@ from deblur_diffusion.cli import (
 )
 from deblur_diffusion.compare import compare_runs
 from deblur_diffusion.data.datamodule import DeblurDataModule
-from deblur_diffusion.data.io import to_integer_image, write_image
+from deblur_diffusion.data.io import quantized, write_image
 from deblur_diffusion.data.patches import WholeImages
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import ConfigError
@@ -55,13 +55,6 @@ from deblur_diffusion.visualize import comparison_row
 
 GROUND_TRUTH_PRIOR_NOTE = "NOT A RESTORATION: the network's prior was computed from the ground truth (HI-Diff stage one)"
 GROUND_TRUTH_PRIOR_COLUMN = "prior_from_ground_truth"
-
-
-def quantized(image: torch.Tensor, bit_depth: int) -> torch.Tensor:
-    """The image as a file of ``bit_depth`` bits holds it (``to_integer_image``: rounded half to
-    even, as scikit-image's ``img_as_ubyte`` and NumPy's ``round``), back in [0, 1]."""
-    scale = float(2**bit_depth - 1)
-    return torch.from_numpy(to_integer_image(image.numpy(), bit_depth).astype(np.float32)) / scale
 
 
 def resolve_protocol(cfg: DictConfig, datamodule: DeblurDataModule, source: PairSource) -> Protocol:
@@ -167,7 +160,7 @@ def evaluate(cfg: DictConfig) -> dict:
         bit_depth = source.bit_depth(index)
         if protocol.eight_bit_only and bit_depth != 8:
             raise ConfigError(f"protocol {protocol.name} scores 8-bit images ({protocol.script}); {source.name(index)} is {bit_depth}-bit")
-        scored = quantized(restored, bit_depth) if protocol.scores_saved_file else restored
+        scored = torch.from_numpy(quantized(restored.numpy(), bit_depth)) if protocol.scores_saved_file else restored
         try:
             restored_row = protocol.score(scored, target, lpips)
             input_row = protocol.score(blurry_image, target, lpips)

@@ -36,7 +36,7 @@ from rich.progress import track
 from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, restorer_from_config
 from deblur_diffusion.data.folders import DPDD_VIEWS
-from deblur_diffusion.data.io import is_image_file, list_images, read_image_raw, read_photo, to_float, write_image
+from deblur_diffusion.data.io import is_image_file, list_images, quantized, read_image_raw, read_photo, to_float, write_image
 from deblur_diffusion.data.priors import prior_path
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.restorer import Restorer, whole_image_budget
@@ -144,7 +144,7 @@ class PriorSource:
             with torch.no_grad():
                 sampled = self.model(condition.to(self.device))[0].permute(1, 2, 0).cpu().numpy()
             # As generate_prior stores it (16 bits), so a network trained on those priors gets its own kind.
-            prior = np.round(sampled * 65535.0) / 65535.0
+            prior = quantized(sampled, 16)
         if prior.shape != shape:
             raise DeblurError(f"the prior of {photo.name} is {prior.shape[1]}x{prior.shape[0]}, its image {shape[1]}x{shape[0]}")
         return prior.astype(np.float32)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from deblur_diffusion.data.io import to_float, to_integer_image
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.weights import load_network
@@ -136,13 +137,14 @@ class Restorer:
         """Restores a PIL image (returned as an 8-bit RGB PIL image) or an H x W x C array (uint8,
         uint16 or float in [0, 1]; returned with the same dtype)."""
         if isinstance(image, Image.Image):
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-            restored = self.restore(torch.from_numpy(array).permute(2, 0, 1))
-            return Image.fromarray(np.round(restored.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-        dtype = image.dtype
-        scale = float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
-        restored = self.restore(torch.from_numpy(image.astype(np.float32) / scale).permute(2, 0, 1)).permute(1, 2, 0).numpy()
-        return np.round(restored * scale).astype(dtype) if scale != 1.0 else restored.astype(dtype)
+            restored = self.restore(torch.from_numpy(to_float(np.asarray(image.convert("RGB")))).permute(2, 0, 1))
+            return Image.fromarray(to_integer_image(restored.permute(1, 2, 0).numpy(), 8))
+        bit_depth = {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}.get(image.dtype)
+        if bit_depth is None and not np.issubdtype(image.dtype, np.floating):
+            raise DeblurError(f"restore_image takes a PIL image or a uint8, uint16 or float array, got a {image.dtype} array")
+        pixels = to_float(image) if bit_depth else image.astype(np.float32)
+        restored = self.restore(torch.from_numpy(pixels).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+        return to_integer_image(restored, bit_depth) if bit_depth else restored.astype(image.dtype)
 
 
 def load_pretrained(

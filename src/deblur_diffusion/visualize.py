@@ -8,6 +8,8 @@ import cv2
 import numpy as np
 import torch
 
+from deblur_diffusion.data.io import to_integer_image
+
 _MIN_DISPLAY_WIDTH = 192
 _HEADER_HEIGHT = 18
 _GAP = 4
@@ -19,7 +21,7 @@ def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _to_display(image: torch.Tensor, zoom: int) -> np.ndarray:
-    pixels = (image[:3].detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    pixels = to_integer_image(image[:3].detach().float().cpu().numpy().transpose(1, 2, 0), 8)
     if zoom > 1:
         pixels = cv2.resize(pixels, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
     return pixels

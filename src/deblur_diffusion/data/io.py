@@ -121,6 +121,12 @@ def to_integer_image(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * scale).astype(dtype)
 
 
+def quantized(image: np.ndarray, bit_depth: int = 8) -> np.ndarray:
+    """A float image as a file of ``bit_depth`` bits holds it (rounded half to even, as
+    scikit-image's ``img_as_ubyte`` and NumPy's ``round``), back as float32 in [0, 1]."""
+    return to_float(to_integer_image(image, bit_depth))
+
+
 # EXIF orientation (tag 274) -> how the stored pixels are turned upright, as Pillow's exif_transpose.
 _UPRIGHT = {
     2: lambda a: a[:, ::-1],
