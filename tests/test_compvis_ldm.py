@@ -271,7 +271,7 @@ def test_the_online_prior_loads_the_released_checkpoint(ldm_sr):
         prior_ckpt=str(folder / "model.ckpt"),
         prior_ldm_config=str(folder / "config.yaml"),
     )
-    # Built from the config alone, as a resumed run builds it (the buffer is not in checkpoints).
+    # Built from the config alone, as a resumed run builds it (the schedule is not in checkpoints).
     assert max_error(stage.net.prior.alphas_cumprod, outputs["alphas_cumprod"]) == 0
     stage.warm_start()
     eps = stage.net.prior.predict_noise(inputs["x_t"], inputs["t"], inputs["condition"])

@@ -83,6 +83,16 @@ def test_ddim_with_t_steps_calls_the_unet_t_times(steps):
     assert timesteps == sorted(timesteps, reverse=True) and len(set(timesteps)) == steps and max(timesteps) < 1000
 
 
+@pytest.mark.parametrize("steps", [30, 7])
+def test_ddim_with_t_not_dividing_1000_runs_ldm_s_uniform_timesteps(steps):
+    # LDM's make_ddim_timesteps('uniform'): range(0, 1000, 1000 // T) + 1, so T = 30 runs 31 steps.
+    model = tiny_model().eval()
+    timesteps = []
+    model.unet.register_forward_hook(lambda module, args, output: timesteps.append(int(args[1][0])))
+    model.sample_latents(torch.rand(1, 3, 32, 32), steps=steps)
+    assert timesteps == [t + 1 for t in reversed(range(0, 1000, 1000 // steps))]
+
+
 def test_a_unet_that_does_not_read_the_condition_is_rejected():
     autoencoder, _ = tiny_parts()
     unet = UNet2DModel(

@@ -20,7 +20,7 @@ class PreparedCrops(StoredPairSource):
 
     Args:
         store: the folder written by ``python -m deblur_diffusion.data.prepare``.
-        expected: the settings of the configured training source (:func:`source_settings`); a store
+        expected: the settings of the configured training source (:func:`~deblur_diffusion.data.store.source_settings`); a store
             made with other settings is refused, naming the differences. None skips the check (a
             machine that holds the store but not the original dataset).
     """

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import skimage.data
 
-from deblur_diffusion.data.io import list_images, read_image
+from deblur_diffusion.data.io import list_images, read_image, to_float
 from deblur_diffusion.data.kernels import KERNEL_KINDS, blur_image, random_kernel
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import DatasetLayoutError
@@ -56,7 +56,7 @@ def load_photo(name: str) -> np.ndarray:
     image = getattr(skimage.data, name)()
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
-    return image[:, :, :3].astype(np.float32) / 255.0
+    return to_float(image[:, :, :3])
 
 
 def dead_leaves(size: int, rng: np.random.Generator, min_radius: float = 2.0, max_radius: float | None = None) -> np.ndarray:
@@ -71,7 +71,7 @@ def dead_leaves(size: int, rng: np.random.Generator, min_radius: float = 2.0, ma
     colours = rng.integers(0, 256, size=(count, 3))
     for (x, y), radius, colour in zip(centres, radii, colours, strict=True):
         cv2.circle(canvas, (int(x), int(y)), max(round(radius), 1), colour.tolist(), -1, cv2.LINE_AA)
-    return canvas.astype(np.float32) / 255.0
+    return to_float(canvas)
 
 
 def random_crop_rescaled(photo: np.ndarray, size: int, rng: np.random.Generator, min_scale: float) -> np.ndarray:

@@ -70,7 +70,7 @@ class LatentPriorModel(RestorationNetwork):
         beta_end: its last beta.
         beta_schedule: how betas go from ``beta_start`` to ``beta_end`` (``scaled_linear`` is the
             LDM code's "linear": linear in sqrt(beta)).
-        sampling_steps: T, the number of DDIM steps of :meth:`sample`.
+        sampling_steps: T, the DDIM steps of the prior (:meth:`forward`) when none are given.
         eta: DDIM's stochasticity (1.0 as the official generation script; 0 is deterministic).
         noise_seed: sampling draws its noise from this seed, so a given image always gets the
             same prior. The images of a batch share every draw (the starting latent, as the
@@ -117,7 +117,8 @@ class LatentPriorModel(RestorationNetwork):
         self.unet = unet
         # One scheduler is the noise schedule of training and the DDIM sampler of both priors. With
         # steps_offset 1, 'leading' spacing and alpha-bar[0] after the last step it runs LDM's DDIMSampler
-        # (timesteps range(0, 1000, 1000 // T) + 1); its alpha-bar is replaced by LDM's float64 one.
+        # (timesteps range(0, 1000, 1000 // T) + 1, set by _set_timesteps for any T); its alpha-bar is
+        # replaced by LDM's float64 one.
         self.scheduler = DDIMScheduler(
             num_train_timesteps=num_train_timesteps,
             beta_start=beta_start,
@@ -148,7 +149,7 @@ class LatentPriorModel(RestorationNetwork):
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        """alpha-bar of the 1000-step training schedule, the one both training and sampling use."""
+        """alpha-bar of the training schedule, the one both training and sampling use."""
         return self.scheduler.alphas_cumprod
 
     def condition(self, blurry: torch.Tensor) -> torch.Tensor:
@@ -205,11 +206,22 @@ class LatentPriorModel(RestorationNetwork):
         steps = steps or self.sampling_steps
         return self.sample(self.condition(blurry), steps, self.eta, generator=self._generator(), trajectory=trajectory)
 
+    def _set_timesteps(self, steps: int) -> None:
+        """LDM DDIMSampler's 'uniform' timesteps, range(0, T_train, T_train // steps) + 1 descending,
+        on the CPU with the alpha-bar table (which ``add_noise`` may have moved to a GPU). When
+        ``steps`` does not divide T_train that is more than ``steps`` of them, as in LDM; each still
+        moves down by T_train // steps, as the scheduler's ``step`` computes the previous timestep."""
+        self.scheduler.set_timesteps(steps)
+        stride = self.scheduler.config.num_train_timesteps // steps
+        self.scheduler.timesteps = torch.arange(0, self.scheduler.config.num_train_timesteps, stride).flip(0) + 1
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.cpu()
+        self.scheduler.final_alpha_cumprod = self.scheduler.final_alpha_cumprod.cpu()
+
     def ddim_schedule(self, steps: int, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """What :meth:`sample` runs with ``steps``, in LDM DDIMSampler's terms: its timesteps
         (ascending), alpha-bar there, the alpha-bar each step moves to (alpha-bar[0] after the last)
         and each step's noise scale sigma."""
-        self.scheduler.set_timesteps(steps)
+        self._set_timesteps(steps)
         descending = self.scheduler.timesteps
         previous = descending - self.scheduler.config.num_train_timesteps // steps
         alphas_prev = [self.alphas_cumprod[p] if p >= 0 else self.scheduler.final_alpha_cumprod for p in previous]
@@ -258,7 +270,7 @@ class LatentPriorModel(RestorationNetwork):
         if x_T is None:
             x_T = torch.randn((1, self.unet.config.out_channels, height, width), generator=generator)
         latents = x_T.to(condition).expand(batch, -1, -1, -1).clone()
-        self.scheduler.set_timesteps(steps)
+        self._set_timesteps(steps)
         for step in self.scheduler.timesteps:
             timestep = step.to(condition.device).expand(batch)
             if tiles is None:

@@ -129,7 +129,7 @@ def warm_start(stage: nn.Module, sources: Sequence[PartWeights]) -> list[str]:
 
             released = load_compvis_ldm(source.file, source.compvis_config, use_ema=True)
             load_weights(module, released.state_dict(), label)
-            # Not copied: the buffer is not saved, so a resumed run gets the configured one.
+            # Not copied: the schedule is not saved in checkpoints, so a resumed run gets the configured one.
             if not torch.equal(module.alphas_cumprod.cpu(), released.alphas_cumprod):
                 raise CheckpointError(f"{label}: the configured noise schedule is not the released one ({source.compvis_config})")
         elif source.fine_tune:
