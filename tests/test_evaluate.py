@@ -15,6 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from deblur_diffusion import load_pretrained
 from deblur_diffusion.checkpoints import CheckpointError
 from deblur_diffusion.data.io import read_image_raw, write_image
+from deblur_diffusion.errors import DeblurError
 from deblur_diffusion.export import export
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.metrics import LPIPS, LPIPSUnavailableError, align_realblur, psnr, realblur_ssim, ssim
@@ -242,6 +243,8 @@ def test_export_round_trip_and_the_python_api(tmp_path):
     assert restorer.restore_image(sixteen).dtype == np.uint16
     picture = restorer.restore_image(Image.fromarray((np.random.default_rng(1).random((20, 28, 3)) * 255).astype(np.uint8)))
     assert isinstance(picture, Image.Image) and picture.size == (28, 20)
+    with pytest.raises(DeblurError, match="got a int32 array"):
+        restorer.restore_image(np.zeros((20, 28, 3), dtype=np.int32))
 
 
 def write_dpdd(root, scenes=76, size=24):

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from deblur_diffusion.data.io import to_float, write_image
+from deblur_diffusion.data.io import to_float, write_atomically, write_image
 from deblur_diffusion.visualize import comparison_row, stack_rows
 
 
@@ -43,8 +43,8 @@ class ValidationSamples(L.Callback):
             return
         picture = stack_rows(self._rows)
         step = trainer.global_step
-        write_image(self.dirpath / f"step{step:07d}.png", to_float(picture))
-        write_image(self.dirpath / "latest.png", to_float(picture))
+        written = write_image(self.dirpath / f"step{step:07d}.png", to_float(picture))
+        write_atomically(self.dirpath / "latest.png", written.read_bytes())  # the same file, not encoded again
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/samples", picture, step, dataformats="HWC")
