@@ -22,7 +22,7 @@ from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.cluster import run_id
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.restorer import Restorer, pick_device
-from deblur_diffusion.weights import load_network
+from deblur_diffusion.weights import LoadedNetwork, load_network
 
 # ${with_prior:CHANNELS,FLAG}: CHANNELS, plus the 3 of a diffusion prior when FLAG is set (a prior
 # folder, or true for the online prior); lets data and model configs agree on the input channels.
@@ -169,9 +169,15 @@ def weights_and_architecture(cfg: DictConfig) -> tuple[str | dict, dict | None]:
 def restorer_from_config(cfg: DictConfig) -> Restorer:
     """The entry points' model: ``cfg.ckpt`` (with ``cfg.model`` for official files), ``cfg.ema``,
     ``cfg.inference``, ``cfg.device`` and, for diffusion models, ``cfg.seed`` as the starting-noise seed."""
+    return restorer_and_record(cfg)[0]
+
+
+def restorer_and_record(cfg: DictConfig) -> tuple[Restorer, LoadedNetwork]:
+    """:func:`restorer_from_config` and the loaded network's record (source, SHA-256, views)."""
     weights, net_config = weights_and_architecture(cfg)
-    loaded = load_network(weights, net_config, ema=bool(cfg.get("ema", True)))
+    loaded = load_network(weights, net_config, ema=bool(cfg.get("ema", True)), sha256=cfg.get("ckpt_sha256"))
     if cfg.get("seed") is not None and loaded.net.samples_noise:
         loaded.net.noise_seed = int(cfg.seed)
     inference = instantiate(cfg.inference)
-    return Restorer(loaded.net, inference, pick_device(cfg.device), loaded.weights, cfg.get("precision", "fp32"))
+    restorer = Restorer(loaded.net, inference, pick_device(cfg.device), loaded.weights, cfg.get("precision", "fp32"), loaded.views)
+    return restorer, loaded

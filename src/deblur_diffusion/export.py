@@ -47,6 +47,7 @@ def export(weights, out: str | Path, net_config: Mapping | None = None, inferenc
         "net": loaded.net_config,
         "inference": dict(inference_config or loaded.inference_config),
         "weights": loaded.weights,
+        "views": loaded.views,
         "source": loaded.source,
         "provenance": provenance(),
     }

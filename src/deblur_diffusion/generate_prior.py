@@ -25,7 +25,6 @@ tiles for large images. ``prior=paper_decoder`` is the paper text's decoded prio
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -40,12 +39,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, split_datamodule
-from deblur_diffusion.data.io import list_images, read_image, write_atomically, write_image
+from deblur_diffusion.data.io import list_images, read_photo, to_float, write_atomically, write_image
 from deblur_diffusion.data.patches import WholeImages, to_tensor
 from deblur_diffusion.data.priors import PRIOR_MANIFEST, PRIOR_SETTINGS, prior_path, require_fixed_pairs
+from deblur_diffusion.downloads import file_sha256
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.models.compvis_ldm import load_compvis_ldm
-from deblur_diffusion.models.latent_prior import PRIORS, LatentPriorModel
+from deblur_diffusion.models.latent_prior import PRIORS, LatentPriorModel, prior_seed
 from deblur_diffusion.restorer import pick_device
 from deblur_diffusion.weights import load_network
 
@@ -88,19 +88,6 @@ def write_manifest(path: Path, manifest: dict) -> None:
     write_atomically(path, json.dumps(manifest, indent=2))
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's content, or of every file of a folder (an export folder) with its name."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
 def prior_settings(cfg: DictConfig, model: LatentPriorModel) -> dict:
     """Everything a prior depends on, as the manifest records it (the keys of ``PRIOR_SETTINGS``):
     the model's files by content (so that a renamed file is the same model and a replaced one is
@@ -114,11 +101,11 @@ def prior_settings(cfg: DictConfig, model: LatentPriorModel) -> dict:
         }
     inference["self_ensemble"] = bool(cfg.inference.self_ensemble)
     settings = {
-        "ckpt_sha256": file_digest(cfg.ckpt),
-        "ldm_config_sha256": file_digest(cfg.ldm_config) if cfg.ldm_config is not None else None,
+        "ckpt_sha256": file_sha256(cfg.ckpt),
+        "ldm_config_sha256": file_sha256(cfg.ldm_config) if cfg.ldm_config is not None else None,
         "prior": model.prior,
         "steps": int(cfg.steps),
-        "seed": int(cfg.seed),
+        "seed": prior_seed(cfg.seed),
         "eta": model.eta,
         "inference": inference,
     }
@@ -157,7 +144,8 @@ def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Ten
         files = list_images(Path(cfg.input)) if Path(cfg.input).is_dir() else []
         if not files:
             raise ConfigError(f"input {cfg.input} is not a folder of images")
-        return [f.stem for f in files], lambda index: to_tensor(read_image(files[index])), Path(cfg.out)
+        # Read as predict reads a photo (upright by its EXIF orientation), so the prior lines up with it.
+        return [f.stem for f in files], lambda index: to_tensor(to_float(read_photo(files[index])[0])), Path(cfg.out)
     if cfg.data.get("dual_pixel"):
         raise ConfigError(
             "generate_prior conditions on DPDD's combined view, as the official generate_feature.py (train/C) does, "
@@ -186,7 +174,7 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
     if int(cfg.batch_size) < 1:
         raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
     model.prior = cfg.prior
-    model.sampling_steps, model.noise_seed = int(cfg.steps), int(cfg.seed)
+    model.sampling_steps, model.noise_seed = int(cfg.steps), prior_seed(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device).eval()
     whole = instantiate(cfg.inference, mode="whole")

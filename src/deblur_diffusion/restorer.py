@@ -42,6 +42,16 @@ class OutOfMemoryError(DeblurError):
     """The device ran out of memory even on the smallest tiles."""
 
 
+# How allocation failures arrive besides torch.OutOfMemoryError: as RuntimeErrors from cuDNN,
+# cuBLAS and the CPU allocator.
+OUT_OF_MEMORY_MARKERS = ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "can't allocate memory", "out of memory")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says the device (or the host) ran out of memory."""
+    return isinstance(error, torch.OutOfMemoryError) or any(marker in str(error) for marker in OUT_OF_MEMORY_MARKERS)
+
+
 def smaller_tiles(inference: Inference) -> Inference | None:
     """The next inference to try after running out of memory: one tile per call, then tiles of half
     the side with the same overlap ratio (whole images first become tiles); None below ``SMALLEST_TILE``."""
@@ -66,11 +76,14 @@ class Restorer:
         inference: whole-image or tiled inference, optional x8 self-ensemble.
         device: where to run (``auto``: CUDA when there is a GPU).
         weights: which weights ``net`` holds (``ema``, ``raw``, an official file's key), for records.
+        views: for a dual-pixel network, the order it reads the views in (``LoadedNetwork.views``).
         precision: ``fp32``, ``bf16`` or ``fp16``: the forward runs under ``torch.autocast`` to that
             type (outputs are float32 either way). See docs/guides/inference.md for each model's accuracy against fp32.
 
-    A device that runs out of memory (``torch.OutOfMemoryError``) is retried on tiles, then on
-    smaller tiles (down to 64 px), instead of failing; each fallback is logged.
+    A device that runs out of memory (``torch.OutOfMemoryError``, or an allocation failure that
+    cuDNN, cuBLAS or the CPU allocator reports as a RuntimeError) is retried on tiles, then on
+    smaller tiles (down to 64 px), instead of failing; each fallback is logged, and the tiles that
+    fitted are kept for the restorer's later calls.
     """
 
     def __init__(
@@ -80,22 +93,27 @@ class Restorer:
         device: str | torch.device = "auto",
         weights: str = "",
         precision: str = "fp32",
+        views: list[str] | None = None,
     ):
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         self.weights = weights
+        self.views = views
         self.precision = precision
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         self.net = net.to(self.device).eval()
         self.inference = inference or Inference()
+        # The smaller tiles that the last out-of-memory error fell back to, used from then on.
+        self.fallback: Inference | None = None
         self.input_channels = net.input_channels
         self.needs_sharp = net.needs_sharp_input
 
     @torch.no_grad()
-    def restore(self, blurry: torch.Tensor, sharp: torch.Tensor | None = None) -> torch.Tensor:
+    def restore(self, blurry: torch.Tensor, sharp: torch.Tensor | None = None, inference: Inference | None = None) -> torch.Tensor:
         """(B, C, H, W) or (C, H, W) in [0, 1] -> the restored RGB in [0, 1], on the input's device.
 
         ``sharp`` is only for a stage-one HI-Diff network, whose prior comes from the sharp image.
+        ``inference`` replaces the restorer's own for this call (``predict``: tiles for large photos).
         """
         single = blurry.ndim == 3
         batch = blurry[None] if single else blurry
@@ -105,17 +123,21 @@ class Restorer:
             if sharp is None:
                 raise ValueError("a stage-one HI-Diff network computes its prior from the sharp image: pass sharp=, or use stage two")
             batch = torch.cat([batch, sharp[None] if single else sharp], dim=1)
-        restored = self._run(batch.to(self.device, torch.float32)).clamp(0.0, 1.0).to(blurry.device)
+        restored = self._run(batch.to(self.device, torch.float32), inference or self.inference).clamp(0.0, 1.0).to(blurry.device)
         return restored[0] if single else restored
 
-    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+    def _run(self, batch: torch.Tensor, inference: Inference) -> torch.Tensor:
         dtype = PRECISIONS[self.precision]
-        inference = self.inference
+        # After running out of memory once, the tiles that fitted serve every later image too
+        # (a folder of photos of one camera would otherwise fail on each of them first).
+        inference = self.fallback or inference
         while True:
             try:
                 with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
                     return inference(self.net, batch).float()
-            except torch.OutOfMemoryError as error:
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not out_of_memory(error):
+                    raise
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 fallback = smaller_tiles(inference)
@@ -125,13 +147,13 @@ class Restorer:
                         "use precision=bf16 or another device"
                     ) from error
                 LOG.warning(
-                    "out of memory on %s; retrying on %d px tiles every %d px, %d per call",
+                    "out of memory on %s; retrying on %d px tiles every %d px, %d per call (and so for the next images)",
                     "the whole image" if inference.mode == "whole" else f"{inference.tile_size} px tiles",
                     fallback.tile_size,
                     fallback.stride,
                     fallback.tile_batch_size,
                 )
-                inference = fallback
+                inference = self.fallback = fallback
 
     def restore_image(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
         """Restores a PIL image (returned as an 8-bit RGB PIL image) or an H x W x C array (uint8,
@@ -164,7 +186,7 @@ def load_pretrained(
     if inference is None:
         settings = {k: v for k, v in loaded.inference_config.items() if k != "_target_"}
         inference = Inference(**settings)
-    return Restorer(loaded.net, inference, device, loaded.weights, precision)
+    return Restorer(loaded.net, inference, device, loaded.weights, precision, loaded.views)
 
 
 def whole_image_budget(restorer: Restorer, max_pixels: int | str = "auto") -> int:
@@ -190,7 +212,9 @@ def whole_image_budget(restorer: Restorer, max_pixels: int | str = "auto") -> in
     try:
         with torch.no_grad(), torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext():
             restorer.net(probe)
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not out_of_memory(error):
+            raise
         torch.cuda.empty_cache()
         LOG.warning("out of memory on a %d px probe: every image goes on tiles", PROBE_SIDE)
         return PROBE_SIDE**2

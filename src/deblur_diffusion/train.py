@@ -184,7 +184,7 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         show(Console(), batches)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.evaluate_checkpoint not in ("last", "best"):
@@ -192,11 +192,11 @@ def train(cfg: DictConfig) -> float | None:
     use_best = cfg.evaluate_checkpoint == "best" and bool(best)
     # None: the weights in memory, i.e. the final iteration's.
     evaluation_ckpt = best if use_best else None
-    validated = trainer.validate(model, datamodule=datamodule, ckpt_path=evaluation_ckpt, verbose=False)
+    validated = trainer.validate(model, datamodule=datamodule, ckpt_path=evaluation_ckpt, verbose=False, weights_only=True)
     metrics = dict(validated[0]) if validated else {}
     tables = [metrics_table("Validation (best checkpoint)" if use_best else "Validation (final weights)", metrics, "val")]
     if cfg.get("test") and datamodule.has_split("test"):
-        tested = trainer.test(model, datamodule=datamodule, ckpt_path=evaluation_ckpt, verbose=False)
+        tested = trainer.test(model, datamodule=datamodule, ckpt_path=evaluation_ckpt, verbose=False, weights_only=True)
         test_metrics = dict(tested[0]) if tested else {}
         metrics.update(test_metrics)
         tables.append(metrics_table("Test", test_metrics, "test"))

@@ -36,7 +36,9 @@ from deblur_diffusion.checkpoints import (
     read_checkpoint,
     stage_weights,
 )
-from deblur_diffusion.models.detect import infer_network_config, infer_parts_config
+from deblur_diffusion.downloads import file_sha256, local_weights
+from deblur_diffusion.models import NETWORK_TARGETS
+from deblur_diffusion.models.detect import RELEASED_VIEWS, infer_network_config, infer_parts_config
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
@@ -48,7 +50,10 @@ class LoadedNetwork:
 
     ``weights`` says which weights were loaded: ``"ema"`` or ``"raw"`` (a checkpoint of this
     package or an export of it), or the key of the official file (``params_ema``, ``params``;
-    one per file, comma-separated, for several files).
+    one per file, comma-separated, for several files). ``views`` is the order a dual-pixel network
+    reads its views in (``["l", "r"]``...), as the checkpoint's training data or the export
+    recorded it, or as the official release reads them; None where nothing says. ``sha256`` is
+    the digest of the weights file (one per part for several files), for the records.
     """
 
     net: nn.Module
@@ -56,6 +61,8 @@ class LoadedNetwork:
     inference_config: dict = field(default_factory=dict)
     source: str = ""
     weights: str = ""
+    views: list[str] | None = None
+    sha256: str | dict[str, str] = ""
 
 
 def _as_dict(config) -> dict:
@@ -64,9 +71,31 @@ def _as_dict(config) -> dict:
     return dict(config)
 
 
+def check_network_config(config, source: str, key: str = "") -> None:
+    """Refuses a network config that names anything but this package's networks and their parts
+    (``NETWORK_TARGETS``) as a ``_target_``, at any depth, or holds an interpolation (``${...}``,
+    which the build would resolve into a config nobody checked): a config stored in a file chooses
+    which classes are built, so a downloaded file could otherwise call any function."""
+    if isinstance(config, Mapping):
+        for name, value in config.items():
+            where = f"{key}.{name}" if key else str(name)
+            if name == "_target_" and value not in NETWORK_TARGETS:
+                raise CheckpointError(
+                    f"{source}: refusing to build {value!r} ({where}): a network config may only name "
+                    "this package's networks (deblur_diffusion.models) and the diffusers parts of its latent prior"
+                )
+            check_network_config(value, source, where)
+    elif isinstance(config, list | tuple):
+        for index, value in enumerate(config):
+            check_network_config(value, source, f"{key}[{index}]")
+    elif isinstance(config, str) and "${" in config:
+        raise CheckpointError(f"{source}: {key} holds an interpolation ({config!r}); a network config holds plain values")
+
+
 def _build(net_config: Mapping, source: str) -> nn.Module:
     if "_target_" not in net_config:
         raise CheckpointError(f"{source}: the network config has no _target_ (got keys {sorted(net_config)})")
+    check_network_config(net_config, source)
     return instantiate(OmegaConf.create(dict(net_config)), _convert_="all")
 
 
@@ -80,7 +109,17 @@ def _lightning_network(path: Path, ema: bool) -> LoadedNetwork:
     weights, used_ema = stage_weights(checkpoint, "net", ema, str(path))
     kind = "ema" if used_ema else "raw"
     load_weights(net, weights, f"{path} ({kind} weights)")
-    return LoadedNetwork(net, net_config, config.get("inference", {}), str(path), kind)
+    return LoadedNetwork(net, net_config, config.get("inference", {}), str(path), kind, _trained_views(config))
+
+
+def _trained_views(config: dict) -> list[str] | None:
+    """The DPDD views a run of this package read (its data config's, training split first)."""
+    data = config.get("data") or {}
+    for split in ("train", "val", "test"):
+        views = (data.get(split) or {}).get("views")
+        if views:
+            return list(views)
+    return None
 
 
 def _exported_network(path: Path) -> LoadedNetwork:
@@ -89,10 +128,14 @@ def _exported_network(path: Path) -> LoadedNetwork:
     for required in (weights, config_file):
         if not required.is_file():
             raise CheckpointError(f"{folder} is not an export folder: {required.name} is missing")
-    config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    # Not resolved: an interpolation in a stored config is refused by the check, never evaluated.
+    config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+    if not isinstance(config, dict) or not isinstance(config.get("net"), dict):
+        raise CheckpointError(f"{config_file} has no 'net' mapping (the network's config)")
     net = _build(config["net"], str(config_file))
     load_weights(net, load_file(weights), str(weights))
-    return LoadedNetwork(net, config["net"], config.get("inference", {}), str(folder), str(config.get("weights", "")))
+    views = config.get("views")
+    return LoadedNetwork(net, config["net"], config.get("inference", {}), str(folder), str(config.get("weights", "")), views)
 
 
 def _official_network(files: str | Path | Mapping[str, str], net_config: Mapping | None, ema: bool) -> LoadedNetwork:
@@ -112,20 +155,51 @@ def _official_network(files: str | Path | Mapping[str, str], net_config: Mapping
     net = _build(net_config, source)
     for part, file, state, key in states:
         load_weights(net.get_submodule(part) if part else net, state, f"{file} ({key}{', as ' + part if part else ''})")
-    return LoadedNetwork(net, _as_dict(net_config), {}, source, ",".join(key for *_, key in states))
+    net_config = _as_dict(net_config)
+    views = RELEASED_VIEWS.get(net_config["_target_"].rsplit(".", 1)[-1])
+    return LoadedNetwork(net, net_config, {}, source, ",".join(key for *_, key in states), views)
 
 
-def load_network(weights: str | Path | Mapping[str, str], net_config: Mapping | None = None, ema: bool = True) -> LoadedNetwork:
-    """The network stored in ``weights`` (see the module docstring for the accepted kinds); the EMA
-    weights where the file holds them, unless ``ema=False`` (the released Swintormer test scores the
-    raw ``params``)."""
+def load_network(
+    weights: str | Path | Mapping[str, str], net_config: Mapping | None = None, ema: bool = True, sha256: str | None = None
+) -> LoadedNetwork:
+    """The network stored in ``weights`` (see the module docstring for the accepted kinds; a file
+    may be an ``https://`` URL, downloaded once into a cache, :mod:`deblur_diffusion.downloads`);
+    the EMA weights where the file holds them, unless ``ema=False`` (the released Swintormer test
+    scores the raw ``params``). ``sha256``, when given, must be the single file's digest."""
+    weights = local_weights(dict(weights) if isinstance(weights, Mapping) else weights, sha256)
+    loaded = _load_network(weights, net_config, ema)
+    loaded.sha256 = _digests(weights)
+    return loaded
+
+
+def _digests(weights) -> str | dict[str, str]:
+    if isinstance(weights, dict):
+        return {part: file_sha256(file) for part, file in weights.items()}
+    return file_sha256(weights)
+
+
+def _load_network(weights, net_config: Mapping | None, ema: bool) -> LoadedNetwork:
     if isinstance(weights, Mapping):
         return _official_network(weights, net_config, ema)
     path = Path(weights)
     if path.is_dir() or path.suffix == ".safetensors":
-        return _exported_network(path)
+        return _with_architecture(_exported_network(path), net_config)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".ckpt":
-        return _lightning_network(path, ema)
+        return _with_architecture(_lightning_network(path, ema), net_config)
     return _official_network(path, net_config, ema)
+
+
+def _with_architecture(loaded: LoadedNetwork, net_config: Mapping | None) -> LoadedNetwork:
+    """A checkpoint or export builds the network its file records; a given architecture
+    (``model=...``) that names another network is a mistake, refused rather than ignored."""
+    given = str((net_config or {}).get("_target_", "")).rsplit(".", 1)[-1]
+    stored = str(loaded.net_config.get("_target_", "")).rsplit(".", 1)[-1]
+    if given and given != stored:
+        raise CheckpointError(
+            f"the model config names a {given}, but {loaded.source} holds a {stored}: a checkpoint or export "
+            "builds the network it records; drop model=... (it is only for official .pth files)"
+        )
+    return loaded

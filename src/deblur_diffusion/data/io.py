@@ -11,8 +11,10 @@ as 8 bits (for PNG, the high byte of each value). Restormer's single-image DPDD 
 
 from __future__ import annotations
 
+import io
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -22,12 +24,31 @@ from PIL import Image
 from deblur_diffusion.errors import ImageReadError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Photo formats people have that the reader cannot decode, and what to do with them.
+_CONVERT = "convert it to JPEG or PNG first"
+_DEVELOP = "develop it to a 16-bit PNG or TIFF first"
+UNSUPPORTED_PHOTO_FORMATS = {
+    ".heic": f"HEIC is not supported: {_CONVERT}",
+    ".heif": f"HEIF is not supported: {_CONVERT}",
+    ".avif": f"AVIF is not supported: {_CONVERT}",
+    ".jxl": f"JPEG XL is not supported: {_CONVERT}",
+    ".gif": f"GIF is not supported: {_CONVERT}",
+    **{
+        raw: f"a camera RAW file ({raw[1:].upper()}) is not supported: {_DEVELOP}"
+        for raw in (".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
+    },
+}
 
 _MAX_VALUE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def unsupported_reason(path: Path) -> str | None:
+    """Why a photo of a known but unreadable format is passed over (None for other files)."""
+    return UNSUPPORTED_PHOTO_FORMATS.get(path.suffix.lower())
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -138,64 +159,96 @@ _UPRIGHT = {
     8: lambda a: np.rot90(a, 1),
 }
 _EXIF_ORIENTATION = 0x0112
+_EXIF_HEADER = b"Exif\0\0"
+# The quality restored JPEGs are written with (Pillow's scale, 1-100); chroma is kept at full
+# resolution (4:4:4): a restoration's point is its detail.
+JPEG_QUALITY = 95
 
 
-def read_photo(path: str | Path) -> tuple[np.ndarray, bytes | None]:
+@dataclass(frozen=True)
+class PhotoMetadata:
+    """What a photo carries besides its pixels, written back with its restoration: the ICC colour
+    profile and the EXIF block (camera, lens, date, GPS...) with its orientation reset to 1, as
+    the pixels are stored upright once read."""
+
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+
+
+def read_photo(path: str | Path) -> tuple[np.ndarray, PhotoMetadata]:
     """A photograph to restore: its pixels as stored (:func:`read_image_raw`), turned upright by its
-    EXIF orientation as viewers show it, and its ICC colour profile (None when it has none)."""
+    EXIF orientation as viewers show it, and its metadata. Every entry point that reads a user's
+    photo (``predict``, ``generate_prior input=``, the app) reads it here, so that they all see the
+    same upright pixels."""
     pixels = read_image_raw(path)
     try:
         with Image.open(path) as image:
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-            profile = image.info.get("icc_profile")
+            exif = image.getexif()
+            orientation = exif.get(_EXIF_ORIENTATION, 1)
+            profile = image.info.get("icc_profile") or None
+            if orientation != 1 and _EXIF_ORIENTATION in exif:
+                exif[_EXIF_ORIENTATION] = 1
+            exif_bytes = exif.tobytes() if len(exif) else None
     except (OSError, Image.DecompressionBombError, SyntaxError, ValueError):
-        return pixels, None
+        return pixels, PhotoMetadata()
     if orientation in _UPRIGHT:
         pixels = np.ascontiguousarray(_UPRIGHT[orientation](pixels))
-    return pixels, profile or None
+    return pixels, PhotoMetadata(profile, exif_bytes)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
 
-# The PNG signature and IHDR chunk (length, type, 13 bytes, CRC) that an iCCP chunk follows.
+# The PNG signature and IHDR chunk (length, type, 13 bytes, CRC) that ancillary chunks follow.
 _PNG_HEADER_END = 8 + 4 + 4 + 13 + 4
-_JPEG_ICC_CHUNK = 65519  # the most profile bytes one APP2 segment holds
 
 
-def with_icc_profile(encoded: bytes, suffix: str, profile: bytes) -> bytes:
-    """An encoded PNG or JPEG with ``profile`` embedded (an iCCP chunk; APP2 ICC_PROFILE segments);
-    other formats are returned as they are."""
-    if suffix.lower() == ".png":
-        chunk = _png_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(profile))
-        return encoded[:_PNG_HEADER_END] + chunk + encoded[_PNG_HEADER_END:]
-    if suffix.lower() in (".jpg", ".jpeg"):
-        parts = [profile[i : i + _JPEG_ICC_CHUNK] for i in range(0, len(profile), _JPEG_ICC_CHUNK)]
-        segments = b"".join(
-            b"\xff\xe2" + (2 + 14 + len(part)).to_bytes(2, "big") + b"ICC_PROFILE\0" + bytes([number, len(parts)]) + part
-            for number, part in enumerate(parts, start=1)
-        )
-        return encoded[:2] + segments + encoded[2:]
-    return encoded
+def _png_with_metadata(encoded: bytes, metadata: PhotoMetadata) -> bytes:
+    """An encoded PNG with an iCCP chunk (the profile) and an eXIf chunk (PNG 1.5: the EXIF block
+    without its JPEG header) after its header, both before the image data as the standard asks."""
+    chunks = b""
+    if metadata.icc_profile:
+        chunks += _png_chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(metadata.icc_profile))
+    if metadata.exif:
+        chunks += _png_chunk(b"eXIf", metadata.exif.removeprefix(_EXIF_HEADER))
+    return encoded[:_PNG_HEADER_END] + chunks + encoded[_PNG_HEADER_END:]
 
 
-def write_image(path: str | Path, image: np.ndarray, bit_depth: int = 8, icc_profile: bytes | None = None) -> Path:
-    """Writes a float RGB (H x W x 3) or gray (H x W) image in [0, 1] as an 8 or 16-bit file, with
-    ``icc_profile`` embedded when given (PNG and JPEG).
+def write_image(
+    path: str | Path, image: np.ndarray, bit_depth: int = 8, metadata: PhotoMetadata | None = None, jpeg_quality: int = JPEG_QUALITY
+) -> Path:
+    """Writes a float RGB (H x W x 3) or gray (H x W) image in [0, 1] as an 8 or 16-bit file.
+
+    ``metadata`` (a photo's ICC profile and EXIF) goes into PNG (iCCP, eXIf) and JPEG (APP1 EXIF
+    and APP2 ICC after the JFIF APP0, through Pillow) files; other formats keep pixels and bit
+    depth only. JPEGs are written at ``jpeg_quality`` with full-resolution chroma.
 
     The file appears whole or not at all: it is encoded under a temporary name beside it and then
     renamed, so a run killed mid-write never leaves a truncated image that a resumed run would skip.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = metadata or PhotoMetadata()
     pixels = to_integer_image(image, bit_depth)
-    if pixels.ndim == 3:
-        pixels = np.ascontiguousarray(pixels[:, :, ::-1])
-    ok, encoded = cv2.imencode(path.suffix, pixels) if path.suffix else (False, None)
-    if not ok:
-        raise ImageReadError(f"cannot write image {path}: unsupported extension {path.suffix!r}")
-    data = encoded.tobytes() if icc_profile is None else with_icc_profile(encoded.tobytes(), path.suffix, icc_profile)
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        if not 1 <= jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be within 1-100, got {jpeg_quality}")
+        encoded = io.BytesIO()
+        extra = {"icc_profile": metadata.icc_profile} if metadata.icc_profile else {}
+        if metadata.exif:
+            extra["exif"] = metadata.exif
+        # JPEG holds 8 bits whatever was asked.
+        Image.fromarray(to_integer_image(image, 8)).save(encoded, "JPEG", quality=jpeg_quality, subsampling=0, **extra)
+        data = encoded.getvalue()
+    else:
+        if pixels.ndim == 3:
+            pixels = np.ascontiguousarray(pixels[:, :, ::-1])
+        ok, encoded = cv2.imencode(path.suffix, pixels) if path.suffix else (False, None)
+        if not ok:
+            raise ImageReadError(f"cannot write image {path}: unsupported extension {path.suffix!r}")
+        data = _png_with_metadata(encoded.tobytes(), metadata) if suffix == ".png" else encoded.tobytes()
     try:
         write_atomically(path, data)
     except OSError as err:

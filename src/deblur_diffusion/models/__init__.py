@@ -26,6 +26,30 @@ _DIFFUSERS_BASED = {
 }
 
 
+# The classes a network config read from a file (a checkpoint, an export folder) may name as a
+# ``_target_``, by their public names and by the modules that define them: this package's networks
+# and the diffusers parts of the latent prior. deblur_diffusion.weights checks every target against
+# it before Hydra imports anything.
+_NETWORK_MODULES = {
+    "HIDiff": "deblur_diffusion.models.hidiff",
+    "HIDiffStageOneNet": "deblur_diffusion.models.hidiff",
+    "LatentEncoder": "deblur_diffusion.models.hidiff",
+    "MixerDenoiser": "deblur_diffusion.models.hidiff",
+    "MLPDenoiser": "deblur_diffusion.models.hidiff",
+    "PriorDiffusion": "deblur_diffusion.models.hidiff",
+    "PriorGuidedRestormer": "deblur_diffusion.models.hidiff",
+    "Restormer": "deblur_diffusion.models.restormer",
+    "Swintormer": "deblur_diffusion.models.swintormer",
+    "LatentPriorModel": "deblur_diffusion.models.latent_prior",
+    "PriorFusedNet": "deblur_diffusion.models.latent_prior",
+}
+NETWORK_TARGETS = frozenset(
+    {f"deblur_diffusion.models.{name}" for name in _NETWORK_MODULES}
+    | {f"{module}.{name}" for name, module in _NETWORK_MODULES.items()}
+    | {"diffusers.VQModel", "diffusers.UNet2DModel"}
+)
+
+
 def __getattr__(name: str):
     if name in _DIFFUSERS_BASED:
         return getattr(importlib.import_module(_DIFFUSERS_BASED[name]), name)

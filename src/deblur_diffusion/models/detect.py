@@ -40,6 +40,10 @@ LEVEL_PREFIXES = ("encoder_level1", "encoder_level2", "encoder_level3", "latent"
 LEVEL_WIDTHS = (1, 2, 4, 8)
 # Swintormer_arch.py's constructor default; the released option file (train_swintormer.yml) keeps it.
 SWINTORMER_RELEASED_WINDOW = 16
+# The order in which each release's dual-pixel network reads the views: Restormer's
+# test_dual_pixel_defocus_deblur.py concatenates left then right; Swintormer's
+# Dataset_DefocusDeblur_DualPixel_16bit concatenates right then left.
+RELEASED_VIEWS = {"Restormer": ["l", "r"], "Swintormer": ["r", "l"]}
 # The factor by which Swintormer's stem (PixelUnshuffle(2)) multiplies the input channels.
 SWINTORMER_STEM_UNSHUFFLE = 4
 # HI-Diff's latent encoder: its PixelUnshuffle multiplies the input channels by the square of its

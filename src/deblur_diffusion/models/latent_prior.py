@@ -36,6 +36,16 @@ from deblur_diffusion.models.blocks import pad_to_multiple
 from deblur_diffusion.models.interface import RestorationNetwork
 
 PRIORS = ("official", "paper_decoder")
+# The seed of the released generate_feature.py: the default of every sampled prior (generate_prior
+# and predict's seed: null), so that a prior sampled in predict is the one generate_prior wrote.
+RELEASED_PRIOR_SEED = 42
+
+
+def prior_seed(seed: int | None) -> int:
+    """The seed a prior is sampled from: ``seed``, or the released script's when None."""
+    return RELEASED_PRIOR_SEED if seed is None else int(seed)
+
+
 # generate_feature.py's split_input_params: 128 px latent tiles every 64 px, clipped border weights.
 OFFICIAL_SPLIT_INPUT = {"ks": (128, 128), "stride": (64, 64), "clip_min_weight": 0.01, "clip_max_weight": 0.5}
 
