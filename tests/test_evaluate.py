@@ -94,10 +94,30 @@ def test_realblur_alignment_recovers_a_small_shift():
     assert 0.9 < mask.mean() < 1.0
 
 
-def test_lpips_without_its_backbone_says_which_file_is_missing(tmp_path, monkeypatch):
+def test_lpips_downloads_its_backbone_through_torchvision_or_says_why_it_cannot(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(LPIPSUnavailableError, match=r"alexnet-owt-7be5be79\.pth"):
+    asked = []
+
+    def offline(url, destination, *args, **kwargs):
+        asked.append(url)
+        raise urllib.error.URLError("no network (simulated)")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(LPIPSUnavailableError, match=r"not at .*alexnet-owt-7be5be79\.pth and could not be downloaded \(no network"):
         LPIPS()(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+    assert asked == [torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url]
+
+    def online(url, destination, *args, **kwargs):  # the download torchvision asks for, served locally
+        torch.save(torchvision.models.alexnet().state_dict(), destination)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", online)
+    distance = LPIPS()(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+    assert distance.shape == (1,) and distance.item() > 0
+    assert (tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth").is_file()
 
 
 def test_self_ensemble_averages_the_eight_flips_and_transposes():
@@ -321,6 +341,9 @@ def test_evaluate_on_a_synthesized_folder_scores_like_scikit_image(tmp_path, bit
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LPIPS not reported" in result.stdout or "lpips" in (tmp_path / "eval" / "per_image.csv").read_text()
+    if "LPIPS not reported" in result.stdout:  # offline: the written summaries say so, and why
+        assert "LPIPS was not computed: torchvision's AlexNet weights" in (tmp_path / "eval" / "summary.md").read_text()
+        assert "could not be downloaded" in json.loads((tmp_path / "eval" / "summary.json").read_text())["lpips_missing"]
     with open(tmp_path / "eval" / "per_image.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3

@@ -102,7 +102,7 @@ def summary_table(summary: dict, protocol: Protocol, metrics: list[str], title: 
     return table
 
 
-def markdown(summary: dict, protocol: Protocol, metrics: list[str], note: str = "") -> str:
+def markdown(summary: dict, protocol: Protocol, metrics: list[str], note: str = "", lpips_note: str = "") -> str:
     header = ["group", "images", "scored", *[protocol.columns[m] for m in metrics], "PSNR gain (dB)"]
     lines = [
         *([f"**{note}.**", ""] if note else []),
@@ -119,6 +119,8 @@ def markdown(summary: dict, protocol: Protocol, metrics: list[str], note: str = 
         lines.append(
             f"| {group} | {values['images']} | restored | " + " | ".join(_formatted(m, values[m]) for m in metrics) + f" | {gain:+.2f} |"
         )
+    if lpips_note:
+        lines += ["", f"LPIPS was not computed: {lpips_note}."]
     return "\n".join(lines) + "\n"
 
 
@@ -285,7 +287,7 @@ def write_results(
     if note:
         record["note"] = note
     (output_dir / "summary.json").write_text(json.dumps(record, indent=2))
-    (output_dir / "summary.md").write_text(markdown(summary, protocol, metrics, note))
+    (output_dir / "summary.md").write_text(markdown(summary, protocol, metrics, note, lpips_note))
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")

@@ -207,7 +207,7 @@ def align_realblur(restored: np.ndarray, target: np.ndarray) -> tuple[np.ndarray
 
 
 class LPIPSUnavailableError(DeblurError):
-    """LPIPS cannot run (its AlexNet weights are not available offline)."""
+    """LPIPS cannot run (its AlexNet weights are neither cached nor downloadable)."""
 
 
 class LPIPS:
@@ -216,9 +216,10 @@ class LPIPS:
     Called as the official DPDD tests call it, ``LPIPS(net='alex')(target, restored, normalize=True)``
     on the clamped float output.
 
-    The package ships its linear layers but takes the AlexNet backbone from torchvision's cache
-    (``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth``); without it and offline, using the
-    metric raises :class:`LPIPSUnavailableError` with that path.
+    The package ships its linear layers but takes the AlexNet backbone from torchvision, which
+    downloads it once into its cache (``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth``).
+    Where it is not cached and cannot be downloaded (no network), using the metric raises
+    :class:`LPIPSUnavailableError` saying why and where to put the file.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
@@ -226,15 +227,17 @@ class LPIPS:
         self._model = None
 
     def _load(self):
-        backbone = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILE
-        if not backbone.is_file():
-            raise LPIPSUnavailableError(
-                f"LPIPS needs torchvision's AlexNet weights at {backbone} (no network here to download them); "
-                f"put {LPIPS_BACKBONE_FILE} there or set TORCH_HOME"
-            )
         import lpips
 
-        return lpips.LPIPS(net="alex", verbose=False).to(self.device).eval()
+        backbone = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILE
+        try:
+            return lpips.LPIPS(net="alex", verbose=False).to(self.device).eval()
+        except (OSError, RuntimeError) as error:  # urllib's errors are OSErrors; a cut download fails torch's check
+            reason = getattr(error, "reason", None) or error
+            raise LPIPSUnavailableError(
+                f"torchvision's AlexNet weights are not at {backbone} and could not be downloaded ({reason}); "
+                f"put {LPIPS_BACKBONE_FILE} there or set TORCH_HOME"
+            ) from error
 
     @torch.no_grad()
     def __call__(self, restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -23,15 +23,28 @@ def package_version() -> str:
         return UNKNOWN
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
 @functools.cache
-def git_commit() -> str:
-    """The commit of the checkout this package is imported from, ``+dirty`` when files tracked
-    there differ from it; ``unknown`` outside a checkout (an installed wheel) or without git."""
-    source = Path(__file__).resolve().parent
+def git_commit(package_dir: Path = PACKAGE_DIR) -> str:
+    """The commit of this project's checkout that the package is imported from (``src/deblur_diffusion``
+    at the top of a git work tree with this project's ``pyproject.toml``), ``+dirty`` when files
+    tracked there differ from it; ``unknown`` otherwise: an installed package, even one in a virtual
+    environment inside some other git repository, whose commit is not this package's."""
+    root = package_dir.parent.parent
+    pyproject = root / "pyproject.toml"
+    if package_dir.parent.name != "src" or not pyproject.is_file() or 'name = "deblur-diffusion"' not in pyproject.read_text():
+        return UNKNOWN
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10, check=True)
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=package_dir, capture_output=True, text=True, timeout=10, check=True
+        )
+        if Path(top.stdout.strip()).resolve() != root.resolve():
+            return UNKNOWN
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True)
         changed = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=source, capture_output=True, text=True, timeout=10, check=True
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         )
     except (OSError, subprocess.SubprocessError):
         return UNKNOWN
