@@ -144,7 +144,9 @@ def report_errors(task: Callable) -> Callable:
             heading = f"error (building {key.group(1)}): " if key else "error: "
             message = str(_root_cause(err))
         Console(stderr=True).print(Text.assemble((heading, "bold red"), message), soft_wrap=True)
-        RUN_LOG.error("%s%s", heading, message)
+        # Into the run's log file where there is one; elsewhere Hydra's console handler would print it twice.
+        if any(isinstance(handler, logging.FileHandler) for handler in logging.getLogger().handlers):
+            RUN_LOG.error("%s%s", heading, message)
         sys.exit(1)
 
     return wrapper

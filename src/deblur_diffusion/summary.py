@@ -1,23 +1,30 @@
-"""Model summary: ``python -m deblur_diffusion.summary model=... [height=256 width=256]``.
+"""Model and training-plan summary: ``python -m deblur_diffusion.summary model=... [height=256 width=256]``,
+or ``python -m deblur_diffusion.summary experiment=X trainer=ddp trainer.devices=N [trainer.num_nodes=M]``.
 
 Prints the parameters and multiply-accumulates (GMACs = FLOPs / 2, counted by PyTorch's
 ``FlopCounterMode`` on one inference pass) of every network that runs at inference, broken down by
 its top-level blocks; networks that state the counts of a released model (the LDM-BSR prior) show
-them beside their own.
+them beside their own. Then the training plan on the devices asked for
+(:mod:`deblur_diffusion.planning`: per phase the steps, patch, global batch, per-device micro-batch,
+accumulation and samples, and the passes over the data when the training data is there), or why
+those devices cannot train the preset's global batches.
 """
 
 from __future__ import annotations
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from deblur_diffusion.cli import config_dir, report_errors, require_complete
+from deblur_diffusion.cli import config_dir, report_errors, split_datamodule
+from deblur_diffusion.errors import DeblurError
+from deblur_diffusion.planning import plan_table, training_plan
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -82,9 +89,21 @@ def summary_table(model: nn.Module, height: int, width: int, in_channels: int, b
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="summary")
 @report_errors
 def main(cfg: DictConfig) -> None:
-    require_complete(cfg.model)
-    model = instantiate(cfg.model)
-    Console().print(summary_table(model, cfg.height, cfg.width, cfg.data.in_channels, cfg.batch_size))
+    console = Console()
+    missing = OmegaConf.missing_keys(cfg.model)
+    if missing:
+        console.print(f"(no model table: it needs {', '.join(sorted(missing))})", highlight=False)
+    else:
+        model = instantiate(cfg.model)
+        console.print(summary_table(model, cfg.height, cfg.width, cfg.data.in_channels, cfg.batch_size))
+    plan = training_plan(cfg)
+    try:
+        pairs = split_datamodule(cfg, "train").training_pairs()
+        caption = ""
+    except (DeblurError, InstantiationException) as error:
+        reason = str(error.__cause__ or error).splitlines()[0]
+        pairs, caption = None, f"passes over the data: not shown ({reason})"
+    console.print(plan_table(plan, pairs, caption))
 
 
 if __name__ == "__main__":

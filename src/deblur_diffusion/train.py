@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from rich.console import Console
 from rich.table import Table
 
@@ -29,6 +29,7 @@ from deblur_diffusion.checkpoints import CheckpointError, read_checkpoint
 from deblur_diffusion.cli import RUN_LOG, config_dir, pass_lightning_messages_to_run_log, report_errors, require_complete, show
 from deblur_diffusion.cluster import resume_checkpoint, under_slurm
 from deblur_diffusion.errors import ConfigError
+from deblur_diffusion.planning import plan_table, training_plan
 from deblur_diffusion.provenance import provenance
 
 
@@ -68,10 +69,9 @@ def metrics_table(title: str, metrics: dict[str, float], prefix: str) -> Table:
     return table
 
 
-def batch_table(datamodule, world_size: int, accumulation: int) -> Table:
-    """The training batches of each phase: global = per device x ranks x accumulation, and where
-    they come from (with the way to the crop store when they come from whole image files)."""
-    per_device = datamodule.schedule.per_device_batches(world_size, accumulation)
+def plan_caption(datamodule) -> str:
+    """Where the training batches come from (with the way to the crop store when they come from
+    whole image files)."""
     training_set = dict(datamodule.describe()).get("train", "")
     caption = f"from {training_set}" if training_set else ""
     if datamodule.reads_whole_image_files():
@@ -79,14 +79,7 @@ def batch_table(datamodule, world_size: int, accumulation: int) -> Table:
             "\nEvery patch decodes its pair's whole images; `python -m deblur_diffusion.data.prepare` writes "
             "the official crops to a store read 40-95x faster per core (then data.prepared_dir=DIR)."
         )
-    table = Table(title="Training batches", caption=caption or None)
-    for column in ("from step", "patch", "global batch", "per device", "ranks", "accumulation"):
-        table.add_column(column, justify="right")
-    for phase, micro in zip(datamodule.schedule.phases, per_device, strict=True):
-        table.add_row(
-            str(phase.start_iteration), str(phase.patch_size), str(phase.batch_size), str(micro), str(world_size), str(accumulation)
-        )
-    return table
+    return caption
 
 
 @rank_zero_only
@@ -157,6 +150,11 @@ def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
 
 def train(cfg: DictConfig) -> float | None:
     """Runs one training job from a composed config; returns ``cfg.optimized_metric``."""
+    # Checked before anything else (the config's intervals depend on the accumulation it sets) and
+    # before any data is read: the global batches split over the devices the trainer runs.
+    plan = training_plan(cfg)
+    with open_dict(cfg.trainer):
+        cfg.trainer.accumulate_grad_batches = plan.accumulation
     require_complete(cfg)
     made_by = provenance()
     RUN_LOG.info("deblur-diffusion %s, commit %s", made_by["version"], made_by["commit"])
@@ -180,9 +178,13 @@ def train(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **switches)
     for logger in trainer.loggers:
         logger.log_hyperparams(model.run_config)
-    batches = batch_table(datamodule, trainer.world_size, trainer.accumulate_grad_batches)
+    if trainer.world_size != plan.world_size:
+        raise ConfigError(
+            f"the trainer runs {trainer.world_size} processes but trainer.devices x trainer.num_nodes plan {plan.world_size}; "
+            "set them to what the launcher starts (srun tasks, torchrun --nproc-per-node x --nnodes)"
+        )
     if trainer.is_global_zero:
-        show(Console(), batches)
+        show(Console(), plan_table(plan, datamodule.training_pairs(), plan_caption(datamodule)))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 

@@ -83,6 +83,9 @@ class DeblurDataModule(L.LightningDataModule):
         dual_pixel: whether the input holds two dual-pixel views (read by model configs).
         patch_schedule: ``[[start_step, patch_size, global_batch_size], ...]``; the batch is the
             global one (all ranks and accumulated micro-batches), as the papers state it.
+        micro_batch_cap: the most samples a device takes per micro-batch (one number, or one per
+            phase: the official per-GPU sizes); ``trainer.accumulate_grad_batches=auto`` splits the
+            global batches within it (:func:`~deblur_diffusion.data.schedule.plan_training`).
         flips: random horizontal and vertical flips of training patches.
         rotations: random 90-degree rotations of training patches.
         num_workers: data-loading processes (0 loads in the main process).
@@ -114,6 +117,7 @@ class DeblurDataModule(L.LightningDataModule):
         in_channels: int = 3,
         dual_pixel: bool = False,
         patch_schedule: Sequence[Sequence[int]] = ((0, 128, 8),),
+        micro_batch_cap: int | Sequence[int] | None = None,
         flips: bool = True,
         rotations: bool = True,
         num_workers: int = 4,
@@ -150,6 +154,7 @@ class DeblurDataModule(L.LightningDataModule):
         self.in_channels = in_channels
         self.dual_pixel = dual_pixel
         self.schedule = ProgressiveSchedule(patch_schedule)
+        self.micro_batch_cap = micro_batch_cap
         self.flips = flips
         self.rotations = rotations
         self.num_workers = num_workers
@@ -242,6 +247,11 @@ class DeblurDataModule(L.LightningDataModule):
 
     def has_split(self, split: str) -> bool:
         return self.sources.get(split) is not None
+
+    def training_pairs(self) -> int | None:
+        """The number of training pairs (None without a training split)."""
+        source = self.sources["train"]
+        return None if source is None else len(source)
 
     def reads_whole_image_files(self) -> bool:
         """Whether training patches are cut from whole image files (decoded for every patch), not

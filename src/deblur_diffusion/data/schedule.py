@@ -71,6 +71,104 @@ class ProgressiveSchedule:
         return total
 
 
+@dataclass(frozen=True)
+class PhasePlan:
+    """One phase of a training plan: its steps and how its global batch is split."""
+
+    start_step: int
+    end_step: int | None
+    patch_size: int
+    global_batch: int
+    micro_batch: int
+
+    @property
+    def steps(self) -> int | None:
+        return None if self.end_step is None else self.end_step - self.start_step
+
+    @property
+    def samples(self) -> int | None:
+        return None if self.steps is None else self.steps * self.global_batch
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How a run's global batches go over ``world_size`` devices: ``accumulation`` micro-batches of
+    ``micro_batch`` samples per device and optimisation step, phase by phase."""
+
+    world_size: int
+    accumulation: int
+    phases: tuple[PhasePlan, ...]
+
+
+def _caps(schedule: ProgressiveSchedule, micro_batch_cap: int | Sequence[int] | None) -> list[int | None]:
+    if micro_batch_cap is None or isinstance(micro_batch_cap, int):
+        return [micro_batch_cap] * len(schedule.phases)
+    caps = [int(cap) for cap in micro_batch_cap]
+    if len(caps) != len(schedule.phases):
+        raise ConfigError(f"data.micro_batch_cap has {len(caps)} values for {len(schedule.phases)} phases of data.patch_schedule")
+    return caps
+
+
+def _accumulation_for(schedule: ProgressiveSchedule, caps: list[int | None], world_size: int) -> int | None:
+    """The fewest micro-batches per step that split every phase's global batch evenly over
+    ``world_size`` devices within the caps; None where there is no such split."""
+    smallest = min(phase.batch_size for phase in schedule.phases)
+    for accumulation in range(1, smallest // world_size + 1):
+        ranks_times = world_size * accumulation
+        if all(
+            phase.batch_size % ranks_times == 0 and (cap is None or phase.batch_size // ranks_times <= cap)
+            for phase, cap in zip(schedule.phases, caps, strict=True)
+        ):
+            return accumulation
+    return None
+
+
+def plan_training(
+    schedule: ProgressiveSchedule,
+    world_size: int,
+    accumulation: int | str = "auto",
+    micro_batch_cap: int | Sequence[int] | None = None,
+    max_steps: int | None = None,
+) -> TrainingPlan:
+    """The training plan of ``schedule`` (global batches) on ``world_size`` devices.
+
+    ``accumulation="auto"`` takes the fewest micro-batches per optimisation step that split every
+    phase's global batch evenly over the devices with at most ``micro_batch_cap`` samples per device
+    (one number, or one per phase: the official per-GPU sizes), so that a preset trains the papers'
+    global batches on any number of devices that can hold them. A number is used as given. Where no
+    even split exists, refuses naming the device counts that have one."""
+    caps = _caps(schedule, micro_batch_cap)
+    if accumulation == "auto":
+        chosen = _accumulation_for(schedule, caps, world_size)
+        if chosen is None:
+            largest = max(phase.batch_size for phase in schedule.phases)
+            workable = [count for count in range(1, largest + 1) if _accumulation_for(schedule, caps, count) is not None]
+            limit = "" if all(cap is None for cap in caps) else f" with at most {micro_batch_cap} samples per device (data.micro_batch_cap)"
+            raise ConfigError(
+                f"the global batches {[phase.batch_size for phase in schedule.phases]} (data.patch_schedule) cannot be split evenly "
+                f"over {world_size} devices{limit}; device counts that can: {', '.join(map(str, workable))}. Use one of them "
+                "(trainer.devices x trainer.num_nodes), or change the global batches (which changes the recipe)"
+            )
+        accumulation = chosen
+    accumulation = int(accumulation)
+    if accumulation < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches must be auto or a positive number, got {accumulation}")
+    micro = schedule.per_device_batches(world_size, accumulation)
+    ends = [phase.start_iteration for phase in schedule.phases[1:]] + [max_steps]
+    phases = tuple(
+        PhasePlan(
+            phase.start_iteration,
+            None if end is None else (min(end, max_steps) if max_steps else end),
+            phase.patch_size,
+            phase.batch_size,
+            size,
+        )
+        for phase, end, size in zip(schedule.phases, ends, micro, strict=True)
+        if max_steps is None or phase.start_iteration < max_steps
+    )
+    return TrainingPlan(world_size, accumulation, phases)
+
+
 @lru_cache(maxsize=4)
 def _epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(size)
