@@ -93,25 +93,39 @@ def import_reference(path: Path, checkpointing: bool = True) -> types.ModuleType
     return module
 
 
-def build_models(name: str, reference_dir: Path | None, size: int, batch: int):
-    """(inputs, {label: (model, forward)}) for one network."""
+# --tiny: each network at a size that steps in a fraction of a second on a CPU (gpu_check's dry run).
+TINY = {
+    "restormer": {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 1, 1, 1]},
+    "hidiff": {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 1, 1, 1], "embed_dim": 64, "group": 4},
+    "swintormer": {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 1, 1, 1], "window_size": 4},
+}
+
+
+class NotTheSameNetworkError(ValueError):
+    """The official network and this package's do not compute the same function."""
+
+
+def build_models(name: str, reference_dir: Path | None, size: int, batch: int, tiny: bool = False):
+    """(inputs, {label: (model, forward)}) for one network (``tiny``: the TINY configuration)."""
     generator = torch.Generator().manual_seed(0)
+    sizes = TINY[name] if tiny else {}
     if name == "restormer":
         inputs = (torch.rand(batch, 3, size, size, generator=generator),)
-        package = {"package": Restormer(), CHANNELS_LAST: Restormer()}
-        official_class, official_args = "Restormer", {}
+        package = {"package": Restormer(**sizes), CHANNELS_LAST: Restormer(**sizes)}
+        official_class, official_args = "Restormer", sizes
     elif name == "hidiff":
+        arguments = sizes or HIDIFF_GOPRO
         inputs = (torch.rand(batch, 3, size, size, generator=generator), torch.rand(batch, *PRIOR_TOKENS, generator=generator))
-        package = {"package": PriorGuidedRestormer(**HIDIFF_GOPRO), CHANNELS_LAST: PriorGuidedRestormer(**HIDIFF_GOPRO)}
-        official_class, official_args = "Transformer", HIDIFF_GOPRO
+        package = {"package": PriorGuidedRestormer(**arguments), CHANNELS_LAST: PriorGuidedRestormer(**arguments)}
+        official_class, official_args = "Transformer", arguments
     else:
         inputs = (torch.rand(batch, 6, size, size, generator=generator),)
         package = {
-            "package": Swintormer(),
-            CHANNELS_LAST: Swintormer(),
-            "package, official checkpointing": Swintormer(checkpoint_levels="official"),
+            "package": Swintormer(**sizes),
+            CHANNELS_LAST: Swintormer(**sizes),
+            "package, official checkpointing": Swintormer(**sizes, checkpoint_levels="official"),
         }
-        official_class, official_args = "Swintormer", {}
+        official_class, official_args = "Swintormer", sizes
     state = package["package"].state_dict()
     for model in package.values():
         model.load_state_dict(state)
@@ -125,7 +139,9 @@ def build_models(name: str, reference_dir: Path | None, size: int, batch: int):
             official = getattr(module, official_class)(**official_args)
             missing, unexpected = official.load_state_dict(state, strict=False)
             if unexpected or [key for key in missing if not key.endswith(("relative_coords_table", "relative_position_index"))]:
-                raise SystemExit(f"{name}: the official network does not take this package's weights: {missing[:5]} {unexpected[:5]}")
+                raise NotTheSameNetworkError(
+                    f"{name}: the official network does not take this package's weights: {missing[:5]} {unexpected[:5]}"
+                )
             officials[label] = official
         models = {**officials, **models}
     return inputs, models
@@ -154,13 +170,19 @@ def time_steps(
 
         model.train(not inference)
         steps[label] = forward if inference else step
-    with torch.no_grad():
-        outputs = {label: model(*model_inputs[label]) for label, model in models.items()}
+    # Compared in IEEE float32: TF32 (a GPU's default for convolutions) alone moves outputs by ~1e-3.
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            outputs = {label: model(*model_inputs[label]) for label, model in models.items()}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     first = next(iter(outputs.values()))
     for label, output in outputs.items():
         difference = (output - first).abs().max().item()
         if difference > 1e-4:
-            raise SystemExit(f"{label} differs from {next(iter(outputs))} by {difference}: not the same network")
+            raise NotTheSameNetworkError(f"{label} differs from {next(iter(outputs))} by {difference}: not the same network")
     for step in steps.values():  # warm-up
         step()
     seconds: dict[str, list[float]] = {label: [] for label in steps}

@@ -81,12 +81,14 @@ TINY_SYNTHETIC = _as_overrides(OmegaConf.merge(_TINY_DATA, _DEBUG.data), "data")
 FAST_TRAINER = ["trainer=cpu", *_as_overrides(_DEBUG.trainer, "trainer")]
 
 
-def official_schedule(iters, gt_sizes, batch_sizes):
+def official_schedule(iters, gt_sizes, batch_sizes, per_gpu_batches=None):
     """A ProgressiveSchedule from the official option files' fields (iterations per phase, patch
-    sizes, batch sizes): each phase starts where the previous ones' iterations end."""
+    sizes, global batch sizes, and per-GPU batches as the phases' caps): each phase starts where
+    the previous ones' iterations end."""
     from itertools import accumulate
 
     from deblur_diffusion.data.schedule import ProgressiveSchedule
 
     starts = [0, *accumulate(iters)][: len(iters)]
-    return ProgressiveSchedule([list(phase) for phase in zip(starts, gt_sizes, batch_sizes, strict=True)])
+    columns = [starts, gt_sizes, batch_sizes] + ([per_gpu_batches] if per_gpu_batches is not None else [])
+    return ProgressiveSchedule([list(phase) for phase in zip(*columns, strict=True)])

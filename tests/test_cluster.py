@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from deblur_diffusion.cli import config_dir
 from deblur_diffusion.cluster import resume_checkpoint, run_id
+from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.models import Restormer
 
 TESTS = str(Path(__file__).parent)
@@ -55,15 +56,30 @@ def test_the_run_folder_is_named_by_the_job_that_every_rank_and_requeue_shares(m
     assert run_dir.endswith("/runs/${run_id:}")
 
 
-def test_auto_resume_takes_the_newest_checkpoint_of_the_folder(tmp_path):
+def test_auto_resume_takes_the_furthest_checkpoint_of_the_folder_whatever_the_file_times(tmp_path):
     assert resume_checkpoint(tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"a")
-    (tmp_path / "checkpoints" / "step0000002.ckpt").write_bytes(b"b")  # a best-so-far, not a resume point
-    os.utime(tmp_path / "checkpoints" / "last.ckpt", ns=(1, 1))
+    torch.save({"global_step": 4, "epoch": 1}, tmp_path / "checkpoints" / "last.ckpt")
+    torch.save({"global_step": 9, "epoch": 2}, tmp_path / "checkpoints" / "step0000009.ckpt")  # a best-so-far, not a resume point
     assert resume_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last.ckpt"
-    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"c")  # written by Lightning's own SLURM handler
+    torch.save({"global_step": 6, "epoch": 1}, tmp_path / "hpc_ckpt_1.ckpt")  # written by Lightning's own SLURM handler
+    # A rank that sees the later file with an older time (a network file system's cached view) picks it all the same.
+    os.utime(tmp_path / "hpc_ckpt_1.ckpt", ns=(1, 1))
     assert resume_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+    (tmp_path / "hpc_ckpt_2.ckpt").write_bytes(b"truncated")  # no resume point
+    assert resume_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+
+
+def test_torchrun_without_a_rendezvous_id_refuses_auto_resume_instead_of_starting_afresh(tmp_path, monkeypatch):
+    from deblur_diffusion import train as train_module
+
+    cfg = compose_config("train", tmp_path, "ckpt_path=auto")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setattr(train_module, "run_folder_given", lambda: False)
+    with pytest.raises(ConfigError, match="torchrun without --rdzv-id"):
+        train_module.checkpoint_to_resume(cfg, tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "gopro1")
+    assert train_module.checkpoint_to_resume(cfg, tmp_path) is None  # a stable folder: nothing there yet
 
 
 def tiny_official_weights(path):
@@ -186,18 +202,43 @@ def test_the_progress_bar_title_of_a_step_based_run():
 
 
 @pytest.mark.slow
-def test_the_gpu_check_script_runs_its_rows_on_a_cpu_dry_run(tmp_path):
+def test_the_gpu_check_script_runs_every_code_path_on_a_cpu_dry_run(tmp_path):
+    """What the GPU machine will run, on a CPU first: every row kind (data-fed and fixed batch, the
+    compiled rows through the eager backend), the official-code ratio, the channel attention
+    micro-benchmark, the JSON and the tables. The official files here are stand-ins that build
+    this package's networks (the real ones are fetched onto the GPU machine, never committed)."""
+    reference = tmp_path / "reference"
+    for relative, name in (
+        ("Restormer/basicsr/models/archs/restormer_arch.py", "Restormer"),
+        ("HI-Diff/hi_diff/archs/Transformer_arch.py", "PriorGuidedRestormer as Transformer"),
+        ("swintormer/basicsr/archs/Swintormer_arch.py", "Swintormer"),
+    ):
+        (reference / relative).parent.mkdir(parents=True, exist_ok=True)
+        (reference / relative).write_text(f"from deblur_diffusion.models import {name}\n")
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, str(script), "--dry-run", "--out", str(tmp_path / "out"), "--reference", str(reference)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "results.json").read_text())
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
     assert not record["failed"], record["failed"]
+    assert "running" not in record and record["compile_smoke_test"]["ok"]
     rows = {(row["network"], row["variant"]) for row in record["rows"]}
-    assert rows == {(n, v) for n in ("restormer", "swintormer", "hidiff_s2") for v in ("fp32", "bf16-mixed", "bf16-mixed channels-last")}
-    assert all(row["images_per_second"] > 0 and row["training_gflops_per_image"] > 0 for row in record["rows"])
-    assert (tmp_path / "results.md").read_text().startswith("| network | variant | images/s")
+    variants = ("fp32 (TF32)", "bf16-mixed", "bf16-mixed channels-last", "bf16-mixed channels-last compile")
+    assert rows == {(n, v) for n in ("restormer", "swintormer", "hidiff_s2") for v in variants}
+    for row in record["rows"]:
+        assert row["images_per_second"] > 0 and row["fixed_batch_images_per_second"] > 0 and row["training_gflops_per_image"] > 0
+    assert [r["network"] for r in record["official"]] == ["restormer", "swintormer", "hidiff_s2"]
+    assert all(r["package_speed_vs_official"] > 0 for r in record["official"])
+    attention = {(r["level"], r["dtype"]) for r in record["channel_attention"]}
+    assert attention == {(level, dtype) for level in ("level 1", "level 2", "level 3", "latent") for dtype in ("float32", "bfloat16")}
+    assert record["environment"]["tf32"] is True and "dev_shm_gib" in record["environment"]
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert report.startswith("| network | variant | images/s | fixed batch images/s") and "| level | dtype |" in report
 
 
 def test_overfit_batches_repeat_the_same_batches_every_epoch(tmp_path):

@@ -7,43 +7,149 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from deblur_diffusion.cli import config_dir
+from deblur_diffusion.planning import training_plan
 
-DOCS = Path(__file__).parents[1] / "docs"
+ROOT = Path(__file__).parents[1]
+DOCS = ROOT / "docs"
+# Every place a user reads a command: the front page, the guides, the experiment notes and the
+# cluster files.
+SOURCES = [
+    ROOT / "README.md",
+    *sorted(DOCS.rglob("*.md")),
+    *sorted(p for p in (ROOT / "experiments").rglob("*") if p.suffix in (".md", ".sbatch", ".sh")),
+]
 # Entry points that are Hydra applications, by module: their config's name.
-HYDRA_APPS = {"train": "train", "evaluate": "evaluate", "predict": "predict", "generate_prior": "generate_prior", "summary": "summary"}
+HYDRA_APPS = {
+    "train": "train",
+    "evaluate": "evaluate",
+    "predict": "predict",
+    "generate_prior": "generate_prior",
+    "summary": "summary",
+    "export": "export",
+    "data.synthesize": "synthesize",
+    "data.prepare": "prepare",
+}
+# make targets (Makefile): the module they run and the arguments they add before ARGS.
+MAKE_TARGETS = {
+    "quickstart": ("train", ["experiment=quickstart"]),
+    **{target: (target, []) for target in ("train", "summary", "evaluate", "predict")},
+    "synthesize": ("data.synthesize", []),
+    "prepare": ("data.prepare", []),
+}
+ENTRY_POINT = re.compile(r"-m deblur_diffusion\.([\w.]+)(.*)")
+MAKE = re.compile(r"make (\w+)(?: ARGS=\"([^\"]*)\")?")
 
 
-def documented_commands() -> list[tuple[str, str, list[str]]]:
+@dataclass
+class Command:
+    """A documented command line: where it is, the module it runs, its arguments, and the ranks its
+    launcher starts (srun's tasks, torchrun's processes), when it says."""
+
+    where: str
+    module: str
+    arguments: list[str]
+    launcher_ranks: int | None = None
+
+
+def _snippets(path: Path) -> list[str]:
+    """Code a reader copies: fenced blocks and inline code of a page; a whole batch or shell file."""
+    text = path.read_text()
+    if path.suffix != ".md":
+        return [text]
+    blocks = re.findall(r"```[\w-]*\n(.*?)```", text, re.S)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    return blocks + re.findall(r"`([^`\n]+)`", prose)
+
+
+def _launcher_ranks(line: str, snippet: str) -> int | None:
+    if "srun" in line:
+        tasks = re.search(r"--ntasks-per-node[= ](\d+)", snippet)
+        nodes = re.search(r"--nodes[= ](\d+)", snippet)
+        return int(tasks.group(1) if tasks else 1) * int(nodes.group(1) if nodes else 1)
+    if "torchrun" in line:
+        per_node = re.search(r"--nproc[-_]per[-_]node[= ](\d+)", line)
+        nodes = re.search(r"--nnodes[= ](\d+)", line)
+        return int(per_node.group(1) if per_node else 1) * int(nodes.group(1) if nodes else 1)
+    return None
+
+
+def _arguments(text: str, snippet: str) -> list[str]:
+    """Placeholders stand for a value (any value composes); SLURM's task variables for what the
+    batch file asks; a sweep's comma list for its first value."""
+    tasks = re.search(r"--ntasks-per-node[= ](\d+)", snippet)
+    nodes = re.search(r"--nodes[= ](\d+)", snippet)
+    text = text.replace("$SLURM_NTASKS_PER_NODE", tasks.group(1) if tasks else "1").replace(
+        "$SLURM_NNODES", nodes.group(1) if nodes else "1"
+    )
+    # An argument whose whole value is a placeholder is left out (the config's default stands).
+    text = re.sub(r"(^|\s)[\w.+/@~-]+=(?:<[^>]*>|\.\.\.|\$\w+|\$\{\w+\})(?=\s|$)", r"\1", text)
+    text = re.sub(r"<[^>]*>|\$\w+|\$\{\w+\}", "x", text)
+    # A word in capitals alone (ARGS, OVERRIDES) names the arguments in a description.
+    # [key=...] marks an optional argument in a description.
+    arguments = [a for a in shlex.split(text) if a not in ("...", "-m", "--multirun") and not re.fullmatch(r"#.*|[A-Z_]+|\[.*=.*\]", a)]
+    swept = [re.sub(r"^([^=\[{]+=)([^,\[{]+),[^\[{]*$", r"\1\2", a) for a in arguments]
+    return [a.replace("...", "x") for a in swept]
+
+
+def documented_commands() -> list[Command]:
     commands = []
-    for page in sorted(DOCS.rglob("*.md")):
-        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
-            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-                found = re.match(r"(?:\.venv/bin/)?python -m deblur_diffusion\.(\w+) ?(.*)", line.split("  #")[0].split(" # ")[0].strip())
+    for path in SOURCES:
+        where = path.relative_to(ROOT).as_posix()
+        for snippet in _snippets(path):
+            joined = re.sub(r"\\\n\s*", " ", snippet)
+            # Shell variables that hold a command (T="python -m ..."; $T experiment=...).
+            aliases = dict(re.findall(r'^(\w+)="([^"]*)"$', joined, re.M))
+            for line in joined.splitlines():
+                line = line.split(" # ")[0].split("  #")[0].strip()
+                if line.startswith("#") or re.match(r'^\w+="', line):
+                    continue
+                for name, value in aliases.items():
+                    line = re.sub(rf"\${name}\b", value, line)
+                found = ENTRY_POINT.search(line)
                 if found and found.group(1) in HYDRA_APPS:
-                    # Placeholders (<...>, ..., $VARIABLES) stand for a value: any value composes.
-                    arguments = re.sub(r"<[^>]*>|\$\{?\w+\}?|\.\.\.", "x", found.group(2))
-                    commands.append((page.relative_to(DOCS).as_posix(), found.group(1), shlex.split(arguments)))
+                    commands.append(Command(where, found.group(1), _arguments(found.group(2), snippet), _launcher_ranks(line, snippet)))
+                made = MAKE.search(line)
+                if made and made.group(1) in MAKE_TARGETS:
+                    module, preset = MAKE_TARGETS[made.group(1)]
+                    commands.append(Command(where, module, [*preset, *_arguments(made.group(2) or "", snippet)]))
     return commands
 
 
 COMMANDS = documented_commands()
 
 
-def test_the_guides_hold_commands_of_every_entry_point():
-    assert {module for _, module, _ in COMMANDS} == set(HYDRA_APPS)
+def test_every_place_a_user_reads_holds_commands_of_every_entry_point():
+    assert {command.module for command in COMMANDS} == set(HYDRA_APPS)
+    found_in = {command.where for command in COMMANDS}
+    assert {"README.md", "experiments/slurm/train.sbatch", "docs/guides/scale-out.md", "docs/development.md"} <= found_in
+    launched = [command for command in COMMANDS if command.launcher_ranks]
+    assert {command.launcher_ranks for command in launched} >= {4, 8}  # the sbatch file's srun, torchrun on 2 x 4
 
 
-@pytest.mark.parametrize(("page", "module", "arguments"), COMMANDS, ids=[f"{p}:{m}:{i}" for i, (p, m, _) in enumerate(COMMANDS)])
-def test_a_documented_command_composes(tmp_path, page, module, arguments):
-    overrides = [argument for argument in arguments if argument != "-m"]
+def _devices_given(arguments: list[str]) -> bool:
+    return any(re.match(r"trainer\.devices=\d+$", a) for a in arguments)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[f"{c.where}:{c.module}:{i}" for i, c in enumerate(COMMANDS)])
+def test_a_documented_command_composes_and_plans_at_the_world_size_it_states(tmp_path, command):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        compose(HYDRA_APPS[module], overrides=[*overrides, f"paths.root_dir={tmp_path}"])
+        paths = [f"paths.root_dir={tmp_path}"] if command.module not in ("data.synthesize", "data.prepare") else []
+        cfg = compose(HYDRA_APPS[command.module], overrides=[*command.arguments, *paths])
+    if command.module not in ("train", "summary"):
+        return
+    if command.launcher_ranks is not None or _devices_given(command.arguments) or cfg.trainer.devices not in (-1, "-1", "auto"):
+        plan = training_plan(cfg)  # refuses a global batch the stated devices cannot split
+        if command.launcher_ranks is not None:
+            assert plan.world_size == command.launcher_ranks, (
+                f"the launcher starts {command.launcher_ranks} ranks, the plan {plan.world_size}"
+            )
 
 
 # A code block the docs mark with this comment runs on a CPU in seconds: the tests run it as written.

@@ -245,11 +245,11 @@ def test_the_chain_trains_through_the_cli_and_feeds_swintormer(tmp_path):
     assert (
         run_cli("data.synthesize", f"out={tmp_path}/GoPro", "train_pairs=4", "test_pairs=2", "image_size=40", cwd=tmp_path).returncode == 0
     )
+    # No prior= given: a decoder fine-tuning checkpoint records the decoded prior it was made for.
     for split, extra in (("train", "steps=2"), ("val", "steps=2"), ("test", "steps=2")):
         made = run_cli(
             "generate_prior",
             f"ckpt={ckpt_of(tmp_path / 'decoder')}",
-            "prior=paper_decoder",
             "data=gopro",
             f"paths.data_dir={tmp_path}",
             f"split={split}",
@@ -261,7 +261,7 @@ def test_the_chain_trains_through_the_cli_and_feeds_swintormer(tmp_path):
     priors = sorted((tmp_path / "priors" / "train").glob("*.png"))
     assert len(priors) == 4 and read_image_raw(priors[0]).shape == (40, 40, 3) and read_image_raw(priors[0]).dtype == np.uint16
     manifest = json.loads((tmp_path / "priors" / "train" / "manifest.json").read_text())
-    assert manifest["steps"] == 2 and len(manifest["priors"]) == 4
+    assert manifest["steps"] == 2 and len(manifest["priors"]) == 4 and manifest["prior"] == "paper_decoder"
     again = run_cli(
         "generate_prior",
         f"ckpt={ckpt_of(tmp_path / 'decoder')}",

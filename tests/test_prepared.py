@@ -184,10 +184,12 @@ def test_prepare_cli_then_training_from_the_store(tmp_path):
     )
 
 
-def test_the_batch_table_points_folder_training_to_the_store(tmp_path, rng):
+def test_the_training_plan_points_folder_training_to_the_store(tmp_path, rng):
     from rich.console import Console
 
-    from deblur_diffusion.train import batch_table
+    from deblur_diffusion.data.schedule import ProgressiveSchedule, plan_training
+    from deblur_diffusion.planning import plan_table
+    from deblur_diffusion.train import plan_caption
 
     source = write_dual_pixel(tmp_path / "DPDD", rng, ["a", "b"], (40, 40))
     prepare_store(source, tmp_path / "store", CropRule(32, 16))
@@ -195,7 +197,7 @@ def test_the_batch_table_points_folder_training_to_the_store(tmp_path, rng):
 
     def shown(datamodule):
         console = Console(width=400, record=True)
-        console.print(batch_table(datamodule, world_size=1, accumulation=1))
+        console.print(plan_table(plan_training(ProgressiveSchedule([[0, 24, 2]]), 1), datamodule.training_pairs(), plan_caption(datamodule)))
         return console.export_text()
 
     assert "deblur_diffusion.data.prepare" in shown(DeblurDataModule(**options))

@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from deblur_diffusion.models import Restormer
-from deblur_diffusion.models.blocks import MDTA, ChannelLayerNorm
+from deblur_diffusion.models.blocks import CHANNEL_ATTENTION_FORMS, MDTA, ChannelLayerNorm, set_channel_attention
 
 # The official Restormer (restormer_arch.py, paper configuration) counted at 3x256x256 (6 channels dual-pixel).
 PAPER_PARAMS = 26_126_644
@@ -23,9 +23,11 @@ def load_fixture(parity_dir, name):
     return model, inputs, outputs
 
 
+@pytest.mark.parametrize("attention", CHANNEL_ATTENTION_FORMS)
 @pytest.mark.parametrize("name", ["restormer", "restormer_dual_pixel"])
-def test_official_checkpoint_reproduces_official_outputs(parity_dir, name):
+def test_official_checkpoint_reproduces_official_outputs(parity_dir, name, attention):
     model, inputs, outputs = load_fixture(parity_dir, name)
+    set_channel_attention(model, attention)
     with torch.no_grad():
         restored = model(inputs["lq"])
     assert restored.shape == outputs["out"].shape

@@ -397,8 +397,10 @@ def test_an_optuna_trial_on_two_ranks_is_one_trial(tmp_path):
     assert output.count("MEMBER: 2/2") == 2  # each trial started its second rank once
     assert output.count("Best value") == 1  # and no rank ran a study of its own
     for trial in ("0", "1"):
-        # The batch plan of the trial: global batch 2 over 2 ranks.
-        assert re.search(r"│\s+0 │\s+32 │\s+2 │\s+1 │\s+2 │\s+1 │", (tmp_path / "sweep" / trial / "train.log").read_text())
+        # The training plan of the trial: global batch 2 over 2 ranks, one sample each, no accumulation.
+        log = (tmp_path / "sweep" / trial / "train.log").read_text()
+        assert "Training plan: 2 devices, 1 micro-batch per step" in log
+        assert re.search(r"│\s+0-[\d,]* │\s+32 │\s+2 │\s+1 │\s+1 │", log)
 
 
 def test_fsdp_clips_the_global_norm_through_fsdp_itself(tmp_path):

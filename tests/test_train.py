@@ -6,6 +6,7 @@ from conftest import FAST_TRAINER, TINY_RESTORMER, TINY_SYNTHETIC, compose_confi
 
 from deblur_diffusion.data.schedule import ProgressiveSchedule
 from deblur_diffusion.losses import CharbonnierLoss
+from deblur_diffusion.planning import training_plan
 from deblur_diffusion.train import train
 
 
@@ -39,10 +40,15 @@ def test_restormer_presets_compose(tmp_path, experiment):
     assert cfg.model.net.dual_pixel_task == experiment.endswith("dual")
     if experiment != "quickstart":
         # Restormer's option files: phases [92k, 64k, 48k, 36k, 36k, 24k], 8 GPUs x [8, 5, 4, 2, 1, 1] = global [64, 40, 32, 16, 8, 8].
-        schedule = official_schedule([92000, 64000, 48000, 36000, 36000, 24000], [128, 160, 192, 256, 320, 384], [64, 40, 32, 16, 8, 8])
+        # Each phase carries the official per-GPU batch as its cap.
+        schedule = official_schedule(
+            [92000, 64000, 48000, 36000, 36000, 24000], [128, 160, 192, 256, 320, 384], [64, 40, 32, 16, 8, 8], [8, 5, 4, 2, 1, 1]
+        )
         assert ProgressiveSchedule(cfg.data.patch_schedule).phases == schedule.phases
         assert schedule.per_device_batches(8, 1) == [8, 5, 4, 2, 1, 1]
-        assert schedule.per_device_batches(1, cfg.trainer.accumulate_grad_batches) == [8, 5, 4, 2, 1, 1]
+        plan = training_plan(cfg)  # trainer=gpu: one device
+        assert plan.accumulation == 8 and [phase.micro_batch for phase in plan.phases] == [8, 5, 4, 2, 1, 1]
+        cfg.trainer.accumulate_grad_batches = plan.accumulation  # as train sets it
         assert cfg.trainer.max_steps == 300000 and cfg.trainer.val_check_interval == 4000 * 8
 
 
@@ -60,7 +66,7 @@ def test_swintormer_presets_hold_their_sources_recipe(tmp_path, experiment):
     assert cfg.model.net.inp_channels == 6 and list(cfg.data.train.views) == ["r", "l"]
     assert cfg.model.optimizer.lr == 3e-4 and cfg.model.optimizer.weight_decay == 1e-4 and list(cfg.model.optimizer.betas) == [0.9, 0.99]
     assert cfg.model.ema_decay == 0.999 and cfg.model.grad_clip_norm == 0.01
-    assert [list(p) for p in cfg.data.patch_schedule] == [[0, 256, recipe["batch"]]] and cfg.trainer.max_steps == recipe["steps"]
+    assert [list(p)[:3] for p in cfg.data.patch_schedule] == [[0, 256, recipe["batch"]]] and cfg.trainer.max_steps == recipe["steps"]
     assert list(cfg.model.scheduler.periods) == recipe["periods"] and list(cfg.model.scheduler.eta_mins) == recipe["eta_mins"]
     assert cfg.inference.mode == "tiles" and (cfg.inference.tile_size, cfg.inference.stride) == (256, 220)
 
@@ -100,18 +106,21 @@ def test_hidiff_presets_hold_the_official_recipes(tmp_path, dataset):
     second = compose_train(tmp_path, f"experiment=hidiff_{dataset}_s2", "model.stage1_ckpt=s1.ckpt")
     for cfg in (first, second):
         # HI-Diff's option files: global [64, 40, 32, 16, 8, 8] on 4 GPUs, phases of 20k then 200k iterations.
+        # (the fourth value: the official per-GPU batch, each phase's cap per device)
         assert [list(phase) for phase in cfg.data.patch_schedule] == [
-            [0, 128, 64],
-            [20000, 160, 40],
-            [40000, 192, 32],
-            [60000, 256, 16],
-            [80000, 320, 8],
-            [100000, 384, 8],
+            [0, 128, 64, 16],
+            [20000, 160, 40, 10],
+            [40000, 192, 32, 8],
+            [60000, 256, 16, 4],
+            [80000, 320, 8, 2],
+            [100000, 384, 8, 2],
         ]
         schedule = ProgressiveSchedule(cfg.data.patch_schedule)
         assert schedule.per_device_batches(4, 1) == [16, 10, 8, 4, 2, 2]
-        assert schedule.per_device_batches(1, cfg.trainer.accumulate_grad_batches) == [16, 10, 8, 4, 2, 2]
-        assert cfg.trainer.val_check_interval == 4000 * cfg.trainer.accumulate_grad_batches
+        plan = training_plan(cfg)  # trainer=gpu: one device
+        assert plan.accumulation == 4 and [phase.micro_batch for phase in plan.phases] == [16, 10, 8, 4, 2, 2]
+        cfg.trainer.accumulate_grad_batches = plan.accumulation
+        assert cfg.trainer.val_check_interval == 4000 * 4
         assert cfg.model.optimizer.lr == 2e-4 and cfg.model.grad_clip_norm == 0.01 and cfg.trainer.max_steps == 300000
         assert cfg.model.net.transformer.ffn_expansion_factor == (2.66 if dataset == "gopro" else 2)
     diffusion = second.model.net.diffusion
@@ -130,7 +139,7 @@ def test_hidiff_ablation_presets_differ_only_where_the_paper_says(tmp_path):
 
     hidiff, single, split, baseline = compose("s2"), compose("single_guide_s2"), compose("split_s2"), compose("baseline")
     for cfg in (hidiff, single, split, baseline, compose("s1"), compose("single_guide_s1")):
-        assert [list(phase) for phase in cfg.data.patch_schedule] == [[0, 192, 32]]  # global batch 32, patch 192
+        assert [list(phase) for phase in cfg.data.patch_schedule] == [[0, 192, 32, 8]]  # global batch 32, patch 192, 8 per GPU
         assert ProgressiveSchedule(cfg.data.patch_schedule).per_device_batches(4, 1) == [8]
         assert cfg.model.scheduler.eta_mins == [1e-6]
     assert hidiff.model.net.transformer.multi_scale_prior and not single.model.net.transformer.multi_scale_prior

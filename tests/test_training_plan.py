@@ -92,8 +92,7 @@ def test_two_and_four_gloo_ranks_train_a_paper_preset_to_the_weights_of_one_proc
         f"paths.data_dir={tmp_path}",
         # The preset's recipe at a size a CPU trains in seconds: global batches 8 then 4, at most
         # 2 and 1 samples per device.
-        "data.patch_schedule=[[0,32,8],[2,32,4]]",
-        "data.micro_batch_cap=[2,1]",
+        "data.patch_schedule=[[0,32,8,2],[2,32,4,1]]",
         "data.num_workers=0",
         "trainer.max_steps=4",
         "trainer.limit_val_batches=0",

@@ -22,6 +22,7 @@ from deblur_diffusion.channels import IMAGE_CHANNELS
 from deblur_diffusion.cluster import run_id
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.restorer import Restorer, pick_device
+from deblur_diffusion.schemas import register_schemas
 from deblur_diffusion.weights import LoadedNetwork, load_network
 
 # ${with_prior:CHANNELS,FLAG}: CHANNELS, plus the 3 of a diffusion prior when FLAG is set (a prior
@@ -34,6 +35,8 @@ OmegaConf.register_new_resolver("product", lambda a, b: int(a) * int(b), replace
 # Cached: Lightning reads hydra.run.dir again when it starts the other ranks, which must get the same folder.
 OmegaConf.register_new_resolver("run_id", run_id, replace=True, use_cache=True)
 
+
+register_schemas()
 
 # The package's messages for the run's log file (conf/hydra/job_logging/run_file.yaml). The null
 # handler keeps them silent where logging is not configured, instead of Python's stderr fallback

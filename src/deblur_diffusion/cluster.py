@@ -3,7 +3,7 @@ it, preemption that saves at an optimisation step, and ranks that fail together.
 
 * :func:`run_id` names the run folder (``${run_id:}`` in ``conf/train.yaml``): the SLURM job (and
   array task), which a requeued job keeps; torchrun's rendezvous id; otherwise the launch time.
-* :func:`resume_checkpoint` finds the newest checkpoint of a run folder (``ckpt_path=auto``).
+* :func:`resume_checkpoint` finds the furthest checkpoint of a run folder (``ckpt_path=auto``).
 * :class:`Preemption` saves a checkpoint when the job is signalled (SLURM's requeue signal or
   SIGTERM), at the end of the optimisation step in progress, so that the resumed run goes on as
   an uninterrupted one would; on the requeue signal it also requeues the job (``scontrol requeue``).
@@ -59,10 +59,24 @@ def run_id() -> str:
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def _progress(path: Path) -> tuple[int, int]:
+    """(optimisation step, epoch) recorded in a checkpoint, read without loading its tensors; an
+    unreadable one counts as no progress."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint.get("global_step", -1)), int(checkpoint.get("epoch", -1))
+    except Exception:  # a truncated or foreign file is no resume point
+        return -1, -1
+
+
 def resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of a run folder (``checkpoints/last.ckpt``, Lightning's ``hpc_ckpt_N``), or None."""
+    """The furthest checkpoint of a run folder (``checkpoints/last.ckpt``, Lightning's ``hpc_ckpt_N``),
+    or None. Chosen by the step each records, ties by name, not by file times, which the ranks of a
+    job on a network file system can see differently: every rank resumes from the same file."""
     found = [path for pattern in RESUME_FILES for path in Path(run_dir).glob(pattern) if path.is_file()]
-    return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
+    ranked = [(_progress(path), str(path), path) for path in found]
+    ranked = [entry for entry in ranked if entry[0][0] >= 0]
+    return max(ranked)[2] if ranked else None
 
 
 class PreemptedError(DeblurError):

@@ -169,11 +169,14 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
     model = load_compvis_ldm(cfg.ckpt, cfg.ldm_config, use_ema=True) if cfg.ldm_config is not None else load_network(cfg.ckpt).net
     if not isinstance(model, LatentPriorModel):
         raise ConfigError(f"{cfg.ckpt} holds a {type(model).__name__}, not a latent diffusion prior (model=ldm_decoder_finetune)")
-    if cfg.prior not in PRIORS:
-        raise ConfigError(f"prior must be one of {PRIORS}, got {cfg.prior!r}")
+    if cfg.prior not in (*PRIORS, "auto"):
+        raise ConfigError(f"prior must be auto or one of {PRIORS}, got {cfg.prior!r}")
     if int(cfg.batch_size) < 1:
         raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
-    model.prior = cfg.prior
+    # auto: the prior the model was made for, as its file records it: the raw latent of the
+    # released LDM-BSR, the decoded image of this package's ldm_decoder_finetune checkpoints.
+    if cfg.prior != "auto":
+        model.prior = cfg.prior
     model.sampling_steps, model.noise_seed = int(cfg.steps), prior_seed(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device).eval()

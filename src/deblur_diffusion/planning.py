@@ -47,17 +47,14 @@ def planned_world_size(trainer: DictConfig) -> int:
 
 
 def training_plan(cfg: DictConfig) -> TrainingPlan:
-    """The plan of a composed training config (``data.patch_schedule``, ``data.micro_batch_cap``,
+    """The plan of a composed training config (``data.patch_schedule``,
     ``trainer.accumulate_grad_batches``, ``trainer.max_steps``), reading no data."""
     schedule = ProgressiveSchedule(OmegaConf.to_container(cfg.data.patch_schedule, resolve=True))
-    cap = cfg.data.get("micro_batch_cap")
-    cap = OmegaConf.to_container(cap, resolve=True) if isinstance(cap, ListConfig) else cap
     max_steps = cfg.trainer.get("max_steps")
     return plan_training(
         schedule,
         planned_world_size(cfg.trainer),
         cfg.trainer.get("accumulate_grad_batches", "auto"),
-        cap,
         None if max_steps in (None, -1) else int(max_steps),
     )
 

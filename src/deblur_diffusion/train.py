@@ -112,12 +112,26 @@ def differing_key(saved: dict, current: dict, prefix: str = "") -> str | None:
     return None
 
 
+def run_folder_given() -> bool:
+    """Whether the run folder was set on the command line (``hydra.run.dir=``) rather than named
+    after the job; True outside a Hydra application (a config composed by a program)."""
+    try:
+        return any(override.startswith("hydra.run.dir=") for override in HydraConfig.get().overrides.hydra)
+    except ValueError:
+        return True
+
+
 def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
     """The checkpoint ``fit`` resumes from: ``cfg.ckpt_path`` as given; for ``auto`` (what ``null``
     means in a SLURM job or a restarted torchrun worker) the newest one in this run's folder, which
     in such a job also wins over a given path (the job's own progress since). A folder checkpoint
     of another model or data (two runs of one job sharing the folder) is refused."""
     ckpt_path = cfg.get("ckpt_path")
+    if (ckpt_path == "auto" or restarted_job()) and os.environ.get("TORCHELASTIC_RUN_ID") == "none" and not run_folder_given():
+        raise ConfigError(
+            "torchrun without --rdzv-id gives every start its own run folder, so ckpt_path=auto (and a restarted worker) "
+            "would silently start afresh: give torchrun --rdzv-id=<a name for this run>, or hydra.run.dir=<a fixed folder>"
+        )
     if ckpt_path not in (None, "auto") and not Path(ckpt_path).is_file():
         raise CheckpointError(f"ckpt_path={ckpt_path} does not exist (the checkpoint to resume from)")
     if ckpt_path != "auto" and not restarted_job():
@@ -130,7 +144,7 @@ def checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
         chosen = None if ckpt_path == "auto" else ckpt_path
     else:
         saved = read_checkpoint(found, mmap=True).get("deblur_diffusion_config") or {}
-        current = OmegaConf.to_container(cfg, resolve=True)
+        current = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         for section in ("model", "data"):
             difference = differing_key(saved.get(section, {}), current.get(section, {}), f"{section}.")
             if difference:
@@ -170,7 +184,8 @@ def train(cfg: DictConfig) -> float | None:
         for note in model.warm_start():
             Console().print(f"[yellow]warm start[/]: {note}", highlight=False)
             RUN_LOG.info("warm start: %s", note)
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    # Plain values only (the choices of the schema as strings): a checkpoint is read with weights_only=True.
+    model.run_config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     loggers = instantiate_group(cfg.get("logger"))
     # Lightning refuses a learning-rate monitor without a logger to write to (logger=null, debug presets).
     callbacks = [c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)]

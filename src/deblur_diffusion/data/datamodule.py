@@ -81,11 +81,11 @@ class DeblurDataModule(L.LightningDataModule):
         in_channels: input channels the model expects (3, or 6 for dual-pixel); checked against
             the sources so that a model/data mismatch fails before training.
         dual_pixel: whether the input holds two dual-pixel views (read by model configs).
-        patch_schedule: ``[[start_step, patch_size, global_batch_size], ...]``; the batch is the
-            global one (all ranks and accumulated micro-batches), as the papers state it.
-        micro_batch_cap: the most samples a device takes per micro-batch (one number, or one per
-            phase: the official per-GPU sizes); ``trainer.accumulate_grad_batches=auto`` splits the
-            global batches within it (:func:`~deblur_diffusion.data.schedule.plan_training`).
+        patch_schedule: ``[[start_step, patch_size, global_batch_size(, micro_batch_cap)], ...]``;
+            the batch is the global one (all ranks and accumulated micro-batches), as the papers
+            state it; the optional cap is the most samples one device takes per micro-batch (the
+            official per-GPU batch), within which ``trainer.accumulate_grad_batches=auto`` splits it
+            (:func:`~deblur_diffusion.data.schedule.plan_training`).
         flips: random horizontal and vertical flips of training patches.
         rotations: random 90-degree rotations of training patches.
         num_workers: data-loading processes (0 loads in the main process).
@@ -117,7 +117,6 @@ class DeblurDataModule(L.LightningDataModule):
         in_channels: int = 3,
         dual_pixel: bool = False,
         patch_schedule: Sequence[Sequence[int]] = ((0, 128, 8),),
-        micro_batch_cap: int | Sequence[int] | None = None,
         flips: bool = True,
         rotations: bool = True,
         num_workers: int = 4,
@@ -154,7 +153,6 @@ class DeblurDataModule(L.LightningDataModule):
         self.in_channels = in_channels
         self.dual_pixel = dual_pixel
         self.schedule = ProgressiveSchedule(patch_schedule)
-        self.micro_batch_cap = micro_batch_cap
         self.flips = flips
         self.rotations = rotations
         self.num_workers = num_workers

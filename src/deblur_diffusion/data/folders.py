@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -24,6 +25,14 @@ def _require_dir(path: Path, dataset: str, layout: str) -> Path:
     if not path.is_dir():
         raise DatasetLayoutError(f"{dataset}: folder {path} not found. Expected layout:\n{layout}\n{_DATA_DIR_HINT}")
     return path
+
+
+def as_unpacked(root: Path, archive_folders: Sequence[str]) -> Path:
+    """``root``, or, when it does not exist, the folder the official archive unpacks to beside it
+    (``GOPRO_Large`` for ``GoPro``), so that a dataset works as unpacked, without renaming."""
+    if root.exists():
+        return root
+    return next((root.parent / name for name in archive_folders if (root.parent / name).is_dir()), root)
 
 
 def _require_images(folder: Path, dataset: str, layout: str) -> list[Path]:
@@ -222,17 +231,21 @@ class GoPro(PairedFiles):
     """GoPro (Nah et al.), in either the original scene layout or the flat input/target layout.
 
     Original ``GOPRO_Large``: ``root/<split>/<scene>/{blur,blur_gamma,sharp}/<frame>.png``.
-    Flat (Restormer's preparation): ``root/<split>/{input,target}/<name>.png``.
+    Flat (Restormer's preparation): ``root/<split>/{input,target}/<name>.png``. A missing ``root``
+    is looked for as the archive unpacks beside it: ``GOPRO_Large/``.
     """
 
     dataset = "GoPro"
+    archive_folders = ("GOPRO_Large",)
 
     def __init__(self, root: str | Path, split: str = "train", blur_folder: str = "blur", verify_sizes: bool = True):
-        root = Path(root)
+        given = Path(root)
+        root = as_unpacked(given, self.archive_folders)
         split_dir = root / split
         layout = (
             f"  {split_dir}/input/*.png and {split_dir}/target/*.png   (flat layout)\n"
-            f"or {split_dir}/<scene>/{blur_folder}/*.png and {split_dir}/<scene>/sharp/*.png   (original GOPRO_Large)"
+            f"or {split_dir}/<scene>/{blur_folder}/*.png and {split_dir}/<scene>/sharp/*.png   (original GOPRO_Large)\n"
+            f"or the archive as it unpacks: {given.parent}/GOPRO_Large/{split}/<scene>/..."
         )
         _require_dir(split_dir, self.dataset, layout)
         if (split_dir / "input").is_dir():
@@ -254,16 +267,20 @@ class GoPro(PairedFiles):
 
 class HIDE(PairedFiles):
     """HIDE (Shen et al.) test set, flat ``root/<split>/{input,target}`` or the original layout
-    ``root/<split>/{test-close-ups,test-long-shot}/*.png`` with sharp images in ``root/GT``."""
+    ``root/<split>/{test-close-ups,test-long-shot}/*.png`` with sharp images in ``root/GT``; a
+    missing ``root`` is looked for as the archive unpacks beside it: ``HIDE_dataset/``."""
 
     dataset = "HIDE"
+    archive_folders = ("HIDE_dataset",)
 
     def __init__(self, root: str | Path, split: str = "test", verify_sizes: bool = True):
-        root = Path(root)
+        given = Path(root)
+        root = as_unpacked(given, self.archive_folders)
         split_dir = root / split
         layout = (
             f"  {split_dir}/input/*.png and {split_dir}/target/*.png   (flat layout)\n"
-            f"or {split_dir}/test-close-ups/*.png, {split_dir}/test-long-shot/*.png and {root}/GT/*.png   (original)"
+            f"or {split_dir}/test-close-ups/*.png, {split_dir}/test-long-shot/*.png and {root}/GT/*.png   (original)\n"
+            f"or the archive as it unpacks: {given.parent}/HIDE_dataset/{{GT,{split}}}/..."
         )
         _require_dir(split_dir, self.dataset, layout)
         if (split_dir / "input").is_dir():
@@ -282,17 +299,34 @@ class RealBlur(PairedFiles):
     """RealBlur-J or -R (Rim et al.).
 
     Either the official pair lists, e.g. ``root/RealBlur_J_test_list.txt`` whose lines read
-    ``<gt path> <blur path>`` relative to ``root``, or the folders that Restormer's and HI-Diff's
-    test instructions use, ``root/<split>/RealBlur_J/{input,target}/*.png``.
+    ``<gt path> <blur path>`` relative to ``root`` (the folders of ``RealBlur.tar.gz`` as it unpacks,
+    ``RealBlur-J_ECC_IMCORR_centroid_itensity_ref/scene*/{gt,blur}/``, beside them), or the folders
+    that Restormer's and HI-Diff's instructions use, ``root/<split>/RealBlur_J/{input,target}/*.png``.
+    An archive unpacked straight into ``root``'s parent folder is found there.
     """
+
+    # The folder of each variant in RealBlur.tar.gz.
+    unpacked_folders: ClassVar[dict[str, str]] = {
+        "J": "RealBlur-J_ECC_IMCORR_centroid_itensity_ref",
+        "R": "RealBlur-R_BM3D_ECC_IMCORR_centroid_itensity_ref",
+    }
 
     def __init__(self, root: str | Path, variant: str = "J", split: str = "train", verify_sizes: bool = True):
         if variant not in ("J", "R"):
             raise ValueError(f"RealBlur variant must be 'J' or 'R', got {variant!r}")
         root = Path(root)
+        unpacked = self.unpacked_folders[variant]
+        if not root.exists() and (root.parent / unpacked).is_dir():
+            root = root.parent
         dataset = f"RealBlur-{variant}"
         list_file = root / f"RealBlur_{variant}_{split}_list.txt"
         relaid = root / split / f"RealBlur_{variant}"
+        if not list_file.is_file() and not relaid.is_dir() and (root / unpacked).is_dir():
+            raise DatasetLayoutError(
+                f"{dataset}: {root / unpacked} is there but not the list of its {split} pairs, {list_file}. The official "
+                f"lists (RealBlur_{variant}_train_list.txt, RealBlur_{variant}_test_list.txt: '<gt path> <blur path>' per line) "
+                f"are in the datalist/ folder of github.com/rimchang/SRN-Deblur: put them in {root}"
+            )
         if not list_file.is_file() and relaid.is_dir():
             layout = f"  {relaid}/input/*.png and {relaid}/target/*.png"
             pairs = _paired_folders(relaid / "input", relaid / "target", dataset, layout)
@@ -313,10 +347,14 @@ class DPDD(PairedFiles):
     Restormer's and Swintormer's scripts. ``views`` chooses the input: ``["c"]`` for single-image
     defocus deblurring, ``["l", "r"]`` (or ``["r", "l"]``) for dual-pixel, whose views are
     concatenated in that order into 6 channels. ``read_8bit`` reads as Restormer's single-image code
-    does (``cv2.imread(path)``: 8 bits).
+    does (``cv2.imread(path)``: 8 bits). A missing ``root`` is looked for as the archive unpacks
+    beside it: ``dd_dp_dataset_canon/`` or ``dd_dp_dataset_png/``.
     """
 
     dataset = "DPDD"
+    # The Canon archive (dd_dp_dataset_canon.zip) unpacks to dd_dp_dataset_canon/; some copies hold
+    # the PNG folders one level down, as dd_dp_dataset_png/.
+    archive_folders = ("dd_dp_dataset_png", "dd_dp_dataset_canon", "dd_dp_dataset_canon/dd_dp_dataset_png")
 
     def __init__(
         self,
@@ -326,7 +364,8 @@ class DPDD(PairedFiles):
         verify_sizes: bool = True,
         read_8bit: bool = False,
     ):
-        root = Path(root)
+        given = Path(root)
+        root = as_unpacked(given, self.archive_folders)
         unknown = [v for v in views if v not in DPDD_VIEWS]
         if unknown or not views:
             raise ValueError(f"DPDD views must be a non-empty list of {list(DPDD_VIEWS)}, got {list(views)}")
@@ -341,6 +380,7 @@ class DPDD(PairedFiles):
             [f"  {target_dir}/*.png   (sharp)"]
             + [f"  {view_dirs[v]}/*.png   ({DPDD_VIEWS[v]} view)" for v in DPDD_VIEWS]
             + [f"or the re-laid {relaid}/{{inputC,inputL,inputR,target}}/*.png"]
+            + [f"or the archive as it unpacks: {given.parent}/dd_dp_dataset_canon/{split}_{{c,l,r}}/... (or dd_dp_dataset_png/)"]
         )
         targets = _require_images(target_dir, self.dataset, layout)
         view_files = []

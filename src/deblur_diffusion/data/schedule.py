@@ -27,23 +27,28 @@ class Phase:
     start_iteration: int
     patch_size: int
     batch_size: int
+    # The most samples one device takes per micro-batch in this phase (the official per-GPU batch);
+    # None: no limit.
+    micro_batch_cap: int | None = None
 
 
 class ProgressiveSchedule:
-    """Phases given as ``[[start_iteration, patch_size, batch_size], ...]`` starting at iteration 0."""
+    """Phases given as ``[[start_iteration, patch_size, batch_size(, micro_batch_cap)], ...]``
+    starting at iteration 0; the batch is the global one, the optional cap the most samples one
+    device takes per micro-batch (:func:`plan_training`)."""
 
     def __init__(self, phases: Sequence[Sequence[int]]):
         if not phases:
             raise ValueError("the patch schedule needs at least one phase [start_iteration, patch_size, batch_size]")
         parsed = []
         for phase in phases:
-            if len(phase) != 3:
-                raise ValueError(f"each phase is [start_iteration, patch_size, batch_size], got {list(phase)}")
+            if len(phase) not in (3, 4):
+                raise ValueError(f"each phase is [start_iteration, patch_size, global batch(, per-device cap)], got {list(phase)}")
             parsed.append(Phase(*(int(v) for v in phase)))
         starts = [p.start_iteration for p in parsed]
         if starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts)):
             raise ValueError(f"phase starts must begin at 0 and increase strictly, got {starts}")
-        if any(p.patch_size < 1 or p.batch_size < 1 for p in parsed):
+        if any(p.patch_size < 1 or p.batch_size < 1 or (p.micro_batch_cap is not None and p.micro_batch_cap < 1) for p in parsed):
             raise ValueError(f"patch and batch sizes must be positive, got {[list(p) for p in phases]}")
         self.phases = tuple(parsed)
         self._starts = starts
@@ -100,50 +105,38 @@ class TrainingPlan:
     phases: tuple[PhasePlan, ...]
 
 
-def _caps(schedule: ProgressiveSchedule, micro_batch_cap: int | Sequence[int] | None) -> list[int | None]:
-    if micro_batch_cap is None or isinstance(micro_batch_cap, int):
-        return [micro_batch_cap] * len(schedule.phases)
-    caps = [int(cap) for cap in micro_batch_cap]
-    if len(caps) != len(schedule.phases):
-        raise ConfigError(f"data.micro_batch_cap has {len(caps)} values for {len(schedule.phases)} phases of data.patch_schedule")
-    return caps
-
-
-def _accumulation_for(schedule: ProgressiveSchedule, caps: list[int | None], world_size: int) -> int | None:
+def _accumulation_for(schedule: ProgressiveSchedule, world_size: int) -> int | None:
     """The fewest micro-batches per step that split every phase's global batch evenly over
-    ``world_size`` devices within the caps; None where there is no such split."""
+    ``world_size`` devices within the phases' caps; None where there is no such split."""
     smallest = min(phase.batch_size for phase in schedule.phases)
     for accumulation in range(1, smallest // world_size + 1):
         ranks_times = world_size * accumulation
         if all(
-            phase.batch_size % ranks_times == 0 and (cap is None or phase.batch_size // ranks_times <= cap)
-            for phase, cap in zip(schedule.phases, caps, strict=True)
+            phase.batch_size % ranks_times == 0
+            and (phase.micro_batch_cap is None or phase.batch_size // ranks_times <= phase.micro_batch_cap)
+            for phase in schedule.phases
         ):
             return accumulation
     return None
 
 
 def plan_training(
-    schedule: ProgressiveSchedule,
-    world_size: int,
-    accumulation: int | str = "auto",
-    micro_batch_cap: int | Sequence[int] | None = None,
-    max_steps: int | None = None,
+    schedule: ProgressiveSchedule, world_size: int, accumulation: int | str = "auto", max_steps: int | None = None
 ) -> TrainingPlan:
     """The training plan of ``schedule`` (global batches) on ``world_size`` devices.
 
     ``accumulation="auto"`` takes the fewest micro-batches per optimisation step that split every
-    phase's global batch evenly over the devices with at most ``micro_batch_cap`` samples per device
-    (one number, or one per phase: the official per-GPU sizes), so that a preset trains the papers'
-    global batches on any number of devices that can hold them. A number is used as given. Where no
-    even split exists, refuses naming the device counts that have one."""
-    caps = _caps(schedule, micro_batch_cap)
+    phase's global batch evenly over the devices with at most the phase's cap of samples per device
+    (the official per-GPU sizes in the presets), so that a preset trains the papers' global batches
+    on any number of devices that can hold them. A number is used as given. Where no even split
+    exists, refuses naming the device counts that have one."""
     if accumulation == "auto":
-        chosen = _accumulation_for(schedule, caps, world_size)
+        chosen = _accumulation_for(schedule, world_size)
         if chosen is None:
             largest = max(phase.batch_size for phase in schedule.phases)
-            workable = [count for count in range(1, largest + 1) if _accumulation_for(schedule, caps, count) is not None]
-            limit = "" if all(cap is None for cap in caps) else f" with at most {micro_batch_cap} samples per device (data.micro_batch_cap)"
+            workable = [count for count in range(1, largest + 1) if _accumulation_for(schedule, count) is not None]
+            caps = [phase.micro_batch_cap for phase in schedule.phases]
+            limit = "" if all(cap is None for cap in caps) else f" with at most {caps} samples per device (each phase's fourth value)"
             raise ConfigError(
                 f"the global batches {[phase.batch_size for phase in schedule.phases]} (data.patch_schedule) cannot be split evenly "
                 f"over {world_size} devices{limit}; device counts that can: {', '.join(map(str, workable))}. Use one of them "

@@ -62,13 +62,23 @@ def layer_norm_has_bias(layer_norm_type: str) -> bool:
     raise ValueError(f"LayerNorm_type must be 'WithBias' or 'BiasFree', got {layer_norm_type!r}")
 
 
+# How MDTA computes its channel attention: "sdpa" (PyTorch's fused kernels) or "matmul" (q k^T,
+# softmax, @ v, as the official code writes it). The head dimension is H x W pixels, which flash
+# kernels do not take, so which is faster depends on the device: benchmarks/gpu_check.py times both.
+CHANNEL_ATTENTION_FORMS = ("sdpa", "matmul")
+
+
 class MDTA(nn.Module):
     """Multi-Dconv head Transposed Attention: attention across channels, linear in pixels.
 
     q and k are L2-normalised along the pixels, so their products are cosines scaled by a learned
     per-head temperature; that scale is folded into q so that the product itself runs through
-    ``F.scaled_dot_product_attention`` with ``scale=1``.
+    ``F.scaled_dot_product_attention`` with ``scale=1`` (``attention="sdpa"``), or through an
+    explicit matmul and softmax (``"matmul"``, the official code's form; the same function,
+    :func:`set_channel_attention` switches a whole network).
     """
+
+    attention = "sdpa"
 
     def __init__(self, dim: int, num_heads: int, bias: bool):
         super().__init__()
@@ -84,9 +94,22 @@ class MDTA(nn.Module):
         q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=self.num_heads) for t in (q, k, v))
         q = F.normalize(q, dim=-1) * self.temperature
         k = F.normalize(k, dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        if self.attention == "matmul":
+            out = (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
         out = rearrange(out, "b head c (h w) -> b (head c) h w", h=height, w=width)
         return self.project_out(out)
+
+
+def set_channel_attention(network: nn.Module, form: str) -> nn.Module:
+    """Sets how every MDTA of ``network`` computes its attention (``CHANNEL_ATTENTION_FORMS``)."""
+    if form not in CHANNEL_ATTENTION_FORMS:
+        raise ValueError(f"the channel attention is one of {CHANNEL_ATTENTION_FORMS}, got {form!r}")
+    for module in network.modules():
+        if isinstance(module, MDTA):
+            module.attention = form
+    return network
 
 
 class GDFN(nn.Module):
