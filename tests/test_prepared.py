@@ -197,7 +197,8 @@ def test_the_training_plan_points_folder_training_to_the_store(tmp_path, rng):
 
     def shown(datamodule):
         console = Console(width=400, record=True)
-        console.print(plan_table(plan_training(ProgressiveSchedule([[0, 24, 2]]), 1), datamodule.training_pairs(), plan_caption(datamodule)))
+        plan = plan_training(ProgressiveSchedule([[0, 24, 2]]), world_size=1)
+        console.print(plan_table(plan, datamodule.training_pairs(), plan_caption(datamodule)))
         return console.export_text()
 
     assert "deblur_diffusion.data.prepare" in shown(DeblurDataModule(**options))
