@@ -409,7 +409,10 @@ def main() -> None:
                 results["failed"].append({"network": network, "variant": "official code", "error": f"{type(error).__name__}: {error}"})
     results.pop("running", None)
     tables, notes = write_results(args, results, start)
-    Console(width=140).print(*tables, *notes)
+    console = Console(width=140)
+    console.print(*tables)
+    for note in notes:
+        console.print(note, highlight=False)
 
 
 def write_results(args, results: dict, start: float) -> tuple[list[Table], list[str]]:
