@@ -182,7 +182,8 @@ class StepBatchSampler(Sampler[list[PatchKey]]):
         dataset_size: the number of training pairs.
         schedule: phases with global batch sizes, indexed by optimisation step.
         seed: the run's seed.
-        rank, world_size: this process and the number of processes.
+        rank: this process.
+        world_size: the number of processes.
         accumulation: micro-batches per optimisation step (Lightning's ``accumulate_grad_batches``).
         first_micro_batch: where an iteration starts (a callable read when it starts).
         repeat_small_dataset: allow a dataset smaller than one step's samples (pairs then repeat
