@@ -5,7 +5,9 @@ Each argument is an evaluation folder (holding ``per_image.csv``) or the CSV fil
 matched by name; the table gives, per metric, the mean change and how many images improved or got
 worse, then the images whose PSNR changed most in each direction. Two evaluations scored with
 different protocols (or splits) are refused: their numbers are not comparable. The protocol is read
-from the ``summary.json`` beside each ``per_image.csv``.
+from the ``summary.json`` beside each ``per_image.csv``. ``compare.html`` in the candidate's folder
+(``--report PATH``) shows the same per image, with both restorations on a slider where the two
+evaluations wrote their pictures (:mod:`deblur_diffusion.reports`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from deblur_diffusion.errors import DeblurError
+from deblur_diffusion.reports import write_comparison_report
 
 PER_IMAGE = "per_image.csv"
+REPORT = "compare.html"
 # Metrics where a lower value is better.
 LOWER_IS_BETTER = ("mae", "lpips")
 RESTORED_METRICS = ("psnr", "ssim", "mae", "lpips")
@@ -63,26 +67,44 @@ def require_one_protocol(baseline: Path, candidate: Path) -> None:
         raise DeblurError(f"{baseline} and {candidate} were not scored alike ({'; '.join(differing)}): their numbers do not compare")
 
 
-def compare_runs(baseline: Path, candidate: Path, top: int = 5) -> Group:
-    """A report of ``candidate`` against ``baseline`` (both as for :func:`read_per_image`)."""
+def comparison(baseline: Path, candidate: Path) -> dict:
+    """What ``compare`` reports: the images of both runs (``shared``), each run's per-image values
+    (``before``, ``after``), the ``metrics`` both have, their means (``summary``, as ``evaluate``
+    lays out its own), and the images in one run only."""
     require_one_protocol(Path(baseline), Path(candidate))
     before, after = read_per_image(Path(baseline)), read_per_image(Path(candidate))
     shared = sorted(set(before) & set(after))
     if not shared:
         raise DeblurError(f"{baseline} and {candidate} have no image names in common")
     metrics = [m for m in RESTORED_METRICS if m in before[shared[0]] and m in after[shared[0]]]
+    means = {m: sum(after[n][m] for n in shared) / len(shared) for m in metrics}
+    baseline_means = {m: sum(before[n][m] for n in shared) / len(shared) for m in metrics}
+    return {
+        "shared": shared,
+        "before": before,
+        "after": after,
+        "metrics": metrics,
+        "summary": {"all": {"images": len(shared), **means, "baseline": baseline_means}},
+        "only_in_one": sorted(set(before) ^ set(after)),
+    }
+
+
+def compare_runs(baseline: Path, candidate: Path, top: int = 5) -> Group:
+    """A report of ``candidate`` against ``baseline`` (both as for :func:`read_per_image`)."""
+    found = comparison(baseline, candidate)
+    shared, before, after = found["shared"], found["before"], found["after"]
     overview = Table(title=f"{candidate} against {baseline}: {len(shared)} images in both")
     for column in ("metric", "baseline", "candidate", "mean change", "better", "worse", "same"):
         overview.add_column(column, justify="left" if column == "metric" else "right")
-    for metric in metrics:
+    for metric in found["metrics"]:
         changes = [after[n][metric] - before[n][metric] for n in shared]
         sign = -1 if metric in LOWER_IS_BETTER else 1
         better = sum(sign * c > 0 for c in changes)
         worse = sum(sign * c < 0 for c in changes)
         overview.add_row(
             metric,
-            f"{sum(before[n][metric] for n in shared) / len(shared):.4f}",
-            f"{sum(after[n][metric] for n in shared) / len(shared):.4f}",
+            f"{found['summary']['all']['baseline'][metric]:.4f}",
+            f"{found['summary']['all'][metric]:.4f}",
             f"{sum(changes) / len(changes):+.4f}",
             str(better),
             str(worse),
@@ -97,7 +119,7 @@ def compare_runs(baseline: Path, candidate: Path, top: int = 5) -> Group:
     for name in improved + worsened:
         extremes.add_row(name, f"{before[name]['psnr']:.2f}", f"{after[name]['psnr']:.2f}", f"{change[name]:+.2f}")
     notes = []
-    only = sorted(set(before) ^ set(after))
+    only = found["only_in_one"]
     if only:
         notes.append(f"{len(only)} images are in one run only, e.g. {only[:3]}")
     return Group(overview, extremes, *notes)
@@ -108,13 +130,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("baseline", type=Path, help="evaluation folder or per_image.csv")
     parser.add_argument("candidate", type=Path, help="evaluation folder or per_image.csv")
     parser.add_argument("--top", type=int, default=5, help="images listed in each direction (default 5)")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="where the HTML report goes (default: compare.html in the candidate's folder)"
+    )
     args = parser.parse_args(argv)
     try:
-        report = compare_runs(args.baseline, args.candidate, args.top)
+        table = compare_runs(args.baseline, args.candidate, args.top)
+        candidate_dir = args.candidate if args.candidate.is_dir() else args.candidate.parent
+        baseline_dir = args.baseline if args.baseline.is_dir() else args.baseline.parent
+        page = write_comparison_report(
+            args.report or candidate_dir / REPORT, baseline_dir, candidate_dir, comparison(args.baseline, args.candidate)
+        )
     except DeblurError as error:
         Console(stderr=True).print(f"[bold red]error:[/] {error}")
         return 1
-    Console().print(report)
+    Console().print(table, f"Report: {page} (open it in a browser)", highlight=False)
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -43,7 +43,7 @@ from deblur_diffusion.cli import (
 )
 from deblur_diffusion.compare import compare_runs
 from deblur_diffusion.data.datamodule import DeblurDataModule
-from deblur_diffusion.data.io import quantized, write_image
+from deblur_diffusion.data.io import quantized, write_atomically, write_image
 from deblur_diffusion.data.patches import WholeImages
 from deblur_diffusion.data.sources import PairSource
 from deblur_diffusion.errors import ConfigError
@@ -51,6 +51,7 @@ from deblur_diffusion.loggers import resolve_wandb_mode
 from deblur_diffusion.metrics import LPIPS, LPIPSUnavailableError
 from deblur_diffusion.protocols import Protocol, get_protocol
 from deblur_diffusion.provenance import provenance
+from deblur_diffusion.reports import PICTURES, REPORT_IMAGES, ReportPictures, write_evaluation_report
 from deblur_diffusion.visualize import comparison_row
 
 GROUND_TRUTH_PRIOR_NOTE = "NOT A RESTORATION: the network's prior was computed from the ground truth (HI-Diff stage one)"
@@ -126,6 +127,10 @@ def markdown(summary: dict, protocol: Protocol, metrics: list[str], note: str = 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Runs the evaluation of ``cfg``; returns the summary (also written to ``cfg.output_dir``)."""
+    with open_dict(cfg):
+        # An experiment preset's trainer, composed with it, is not used here (its intervals wait
+        # for the accumulation that train works out).
+        cfg.pop("trainer", None)
     require_complete(cfg, unused=("model.", *unused_data_splits(cfg, cfg.split)))
     torch.manual_seed(cfg.seed)
     if cfg.split not in ("test", "val"):
@@ -152,6 +157,7 @@ def evaluate(cfg: DictConfig) -> dict:
     lpips_note = ""
     output_dir = Path(cfg.output_dir)
     rows, pictures = [], {}
+    report_pictures = ReportPictures(output_dir / PICTURES) if cfg.report else None
     loader = datamodule.evaluation_dataloader(cfg.split)
     shown_input = blurry_input(cfg, datamodule, source)
     for batch in track(loader, total=len(source), description=f"evaluating {len(source)} images", console=console):
@@ -175,6 +181,8 @@ def evaluate(cfg: DictConfig) -> dict:
             | {f"input_{metric}": value for metric, value in input_row.items()}
             | ({GROUND_TRUTH_PRIOR_COLUMN: True} if note else {})
         )
+        if report_pictures is not None:
+            rows[-1]["pictures"] = report_pictures.add(len(rows) - 1, blurry_image[0], restored[0], target[0])
         if cfg.wandb.enabled and len(pictures) < cfg.wandb.images:
             pictures[source.name(index)] = wandb_picture(blurry_image[0], restored[0], target[0])
         if cfg.save_images:
@@ -184,12 +192,19 @@ def evaluate(cfg: DictConfig) -> dict:
     metrics = [metric for metric in protocol.columns if all(metric in row for row in rows)]
     summary = summarise(rows, metrics)
     write_results(output_dir, rows, summary, protocol, metrics, cfg, lpips_note, restorer.weights, note)
+    report = []
+    if report_pictures is not None:
+        caption = f"{source.describe()} ({cfg.split}), protocol {protocol.name}" + (f"; {note}" if note else "")
+        report_page = write_evaluation_report(output_dir, rows, summary, metrics, protocol.columns, caption)
+        write_atomically(output_dir / REPORT_IMAGES, json.dumps({row["name"]: row["pictures"] for row in rows}, indent=1))
+        report = [f"Report: {report_page} (open it in a browser)"]
     lpips_line = [Text(f"LPIPS not reported: {lpips_note}", style="yellow")] if lpips_note else []
     show(
         console,
         summary_table(summary, protocol, metrics, f"{source.describe()} ({cfg.split})", note),
         *lpips_line,
         f"Results: {output_dir}/summary.md, summary.json, per_image.csv",
+        *report,
     )
     if cfg.compare_to:
         show(console, compare_runs(Path(cfg.compare_to), output_dir))

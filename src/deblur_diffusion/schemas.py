@@ -106,6 +106,7 @@ class EvaluateSettings(_Restoring, _Presets):
     protocol: str = "auto"
     score_with_ground_truth_prior: bool = False
     save_images: bool = False
+    report: bool = True
     wandb: Any = None
     lpips: bool = True
     compare_to: str | None = None
