@@ -267,7 +267,7 @@ def test_auto_resume_refuses_another_runs_checkpoint_and_prefers_the_jobs_own_pr
     cfg = compose_config("train", tmp_path, "debug=tiny", "ckpt_path=auto")
     (tmp_path / "checkpoints").mkdir()
     saved = tmp_path / "checkpoints" / "last.ckpt"
-    torch.save({"deblur_diffusion_config": OmegaConf.to_container(cfg, resolve=True)}, saved)
+    torch.save({"deblur_diffusion_config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}, saved)  # as train saves it
     assert checkpoint_to_resume(cfg, tmp_path) == str(saved)
     other = compose_config("train", tmp_path, "debug=tiny", "ckpt_path=auto", "model.net.dim=16")
     with pytest.raises(ConfigError, match=r"belongs to another run of this job's folder: model.net.dim \(8 there, 16 now\)"):

@@ -61,10 +61,10 @@ def run_id() -> str:
 
 def _progress(path: Path) -> tuple[int, int]:
     """(optimisation step, epoch) recorded in a checkpoint, read without loading its tensors; an
-    unreadable one counts as no progress."""
+    unreadable one counts as no progress (-1)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(checkpoint.get("global_step", -1)), int(checkpoint.get("epoch", -1))
+        return int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", 0))
     except Exception:  # a truncated or foreign file is no resume point
         return -1, -1
 
