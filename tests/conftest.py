@@ -33,6 +33,26 @@ def parity_dir() -> Path:
     return PARITY
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+# CI installs the browser (.ci/run) and sets this: there, a missing browser fails instead of skipping.
+BROWSER_REQUIRED = os.environ.get("DEBLUR_BROWSER_REQUIRED") == "1"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, headless, driven by Playwright (never Playwright's own browser download)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.is_file():
+        if BROWSER_REQUIRED:
+            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
+        pytest.skip(f"no browser at {CHROMIUM} (apt-get install -y chromium)")
+    with playwright.sync_playwright() as driver:
+        args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+        launched = driver.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        yield launched
+        launched.close()
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

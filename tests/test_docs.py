@@ -32,6 +32,7 @@ HYDRA_APPS = {
     "predict": "predict",
     "generate_prior": "generate_prior",
     "summary": "summary",
+    "app": "app",
     "export": "export",
     "data.synthesize": "synthesize",
     "data.prepare": "prepare",

@@ -5,11 +5,9 @@ console error. Screenshots go to ``build/screenshots/`` for a person to look at.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import REPO_ROOT, compose_config
 from networks import TINY_UNET
@@ -18,25 +16,8 @@ from deblur_diffusion.compare import main as compare_main
 from deblur_diffusion.evaluate import evaluate
 from deblur_diffusion.models import Restormer
 
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = REPO_ROOT / "build" / "screenshots"
 IMAGES = 60  # more than one page of the table (50 rows)
-# CI installs the browser (.ci/run) and sets this: there, a missing browser fails instead of skipping.
-BROWSER_REQUIRED = os.environ.get("DEBLUR_BROWSER_REQUIRED") == "1"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.is_file():
-        if BROWSER_REQUIRED:
-            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
-        pytest.skip(f"no browser at {CHROMIUM} (apt-get install -y chromium)")
-    with playwright.sync_playwright() as driver:
-        args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
-        launched = driver.chromium.launch(executable_path=str(CHROMIUM), args=args)
-        yield launched
-        launched.close()
 
 
 def open_page(browser, path: Path):

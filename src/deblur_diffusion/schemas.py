@@ -125,6 +125,16 @@ class PredictSettings(_Restoring):
 
 
 @dataclass
+class AppSettings(_Restoring):
+    host: str = "127.0.0.1"
+    port: int = 7860
+    views: Any = "auto"
+    jpeg_quality: int = 95
+    prior: Any = None
+    max_pixels: Any = "auto"
+
+
+@dataclass
 class ExportSettings(_Restoring):
     out: str = MISSING
     format: ExportFormat = ExportFormat.safetensors
@@ -181,6 +191,7 @@ SCHEMAS = {
     "train": TrainSettings,
     "evaluate": EvaluateSettings,
     "predict": PredictSettings,
+    "app": AppSettings,
     "export": ExportSettings,
     "generate_prior": GeneratePriorSettings,
     "summary": SummarySettings,

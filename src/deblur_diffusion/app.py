@@ -1,0 +1,187 @@
+"""A web app that restores photos in the browser: ``python -m deblur_diffusion.app ckpt=... [port=7860] [host=127.0.0.1]``.
+
+Built on ``predict``'s own restoring code (:func:`deblur_diffusion.predict.restore_file`): a photo
+restored here is the file ``predict`` writes with the same weights and options, pixel for pixel,
+upright, with its bit depth, EXIF and ICC profile. Drop one or many photos, choose the model
+(``ckpt=`` one file, or a mapping of names to files: checkpoints, exports, official files, URLs),
+the precision and the tile size; the result is shown on a before/after slider with a zoom, and comes
+back as the restored file (several photos: a zip). Dual-pixel models take the left views and the
+right views, matched by order; prior-fused models sample their prior as ``predict`` does
+(``prior.ckpt``, ``prior.ldm_config``). One job runs at a time (a queue), large photos go on tiles,
+and a file that cannot be restored is named in the status while the server stays up.
+
+The endpoint ``/restore`` (``gradio_client``: ``client.predict(handle_file(path), api_name="/restore")``)
+takes one image file and returns the restored file first. Needs the ``app`` extra (Gradio).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import zipfile
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from deblur_diffusion.cli import config_dir, report_errors, require_complete, restorer_and_record
+from deblur_diffusion.data.io import read_photo, to_float, to_integer_image, unsupported_reason
+from deblur_diffusion.errors import ConfigError, DeblurError
+from deblur_diffusion.predict import Photo, PriorSource, model_views, restore_file
+from deblur_diffusion.restorer import whole_image_budget
+
+PRECISION_CHOICES = ("fp32", "bf16", "fp16")
+EXAMPLES = 3
+
+
+def _models(cfg: DictConfig) -> dict[str, object]:
+    """The weights the app offers, by name: ``ckpt`` as one file (named after it) or a mapping."""
+    ckpt = OmegaConf.to_container(cfg.ckpt, resolve=True) if OmegaConf.is_config(cfg.ckpt) else cfg.ckpt
+    if isinstance(ckpt, dict) and not {"transformer", "denoiser"} & set(ckpt):
+        return ckpt
+    return {Path(str(ckpt)).name if not isinstance(ckpt, dict) else "HI-Diff": ckpt}
+
+
+class Restorers:
+    """The loaded models, one per (name, precision, tile size), loaded on first use."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.models = _models(cfg)
+        self.loaded: dict[tuple, tuple] = {}
+
+    def get(self, name: str, precision: str, tile_size: int):
+        key = (name, precision, tile_size)
+        if key not in self.loaded:
+            cfg = copy.deepcopy(self.cfg)
+            with open_dict(cfg):
+                cfg.ckpt = self.models[name]
+                cfg.precision = precision
+                if int(tile_size) != cfg.inference.tile_size:  # the overlap keeps its share of the tile
+                    cfg.inference.stride = max(1, cfg.inference.stride * int(tile_size) // cfg.inference.tile_size)
+                    cfg.inference.tile_size = int(tile_size)
+            restorer, _ = restorer_and_record(cfg)
+            with_prior = cfg.prior.dir is not None or cfg.prior.ckpt is not None
+            views, _ = model_views(cfg, restorer, with_prior)
+            prior = PriorSource(cfg, restorer.device) if with_prior else None
+            self.loaded[key] = (restorer, views, prior, whole_image_budget(restorer, cfg.max_pixels))
+        return self.loaded[key]
+
+
+def restore_files(restorers: Restorers, files: list[str], second_views: list[str], name: str, precision: str, tile_size: int, out: Path):
+    """Restores ``files`` (and for dual-pixel models ``second_views``, matched by order) into ``out``
+    as ``predict`` does; returns the files written and ``{file: reason}`` for those it could not."""
+    restorer, views, prior, max_pixels = restorers.get(name, precision, tile_size)
+    written, failures = [], {}
+    pairs = [[Path(f)] for f in files]
+    if len(views) == 2:
+        if len(second_views or []) != len(files):
+            raise ConfigError(f"this model reads two dual-pixel views ({views}): give as many second views as photos")
+        pairs = [[Path(a), Path(b)] for a, b in zip(files, second_views, strict=True)]
+    for paths in pairs:
+        reason = unsupported_reason(paths[0])
+        if reason:
+            failures[paths[0].name] = reason
+            continue
+        try:
+            written.append(
+                restore_file(restorer, Photo(paths[0].stem, paths, paths[0]), out, max_pixels, prior, restorers.cfg.jpeg_quality)
+            )
+        except DeblurError as error:
+            failures[paths[0].name] = str(error)
+    return written, failures
+
+
+def _shown(path: Path) -> np.ndarray:
+    """An image file as 8-bit RGB for the slider (upright, as restored)."""
+    pixels, _ = read_photo(path)
+    return to_integer_image(to_float(pixels), 8)
+
+
+def build_app(cfg: DictConfig):
+    """The Gradio Blocks of the app for a composed ``conf/app.yaml``."""
+    import gradio as gr
+
+    restorers = Restorers(cfg)
+    names = list(restorers.models)
+    work = Path(tempfile.mkdtemp(prefix="deblur_app_"))
+    examples = _example_photos(work / "examples")
+
+    def restore_photos(files, second_views, name, precision, tile_size, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
+        if not files:
+            raise gr.Error("drop one or more photos first")
+        out = Path(tempfile.mkdtemp(dir=work))
+        progress(0, desc=f"restoring {len(files)} photo(s)")
+        try:
+            written, failures = restore_files(restorers, files, second_views, name, precision, tile_size, out)
+        except DeblurError as error:
+            raise gr.Error(str(error)) from error
+        status = f"restored {len(written)} of {len(files)}" + "".join(f"\n{file}: {reason}" for file, reason in failures.items())
+        if not written:
+            return None, None, status
+        download = written[0]
+        if len(written) > 1:
+            download = out / "restored.zip"
+            with zipfile.ZipFile(download, "w") as archive:
+                for path in written:
+                    archive.write(path, path.name)
+        before = _shown(Path(files[0])) if not failures.get(Path(files[0]).name) else None
+        slider = (before, _shown(written[0])) if before is not None else None
+        return str(download), slider, status
+
+    def restore(file, name, precision, tile_size):
+        """One image file in, the restored image file out (what ``predict`` writes)."""
+        download, slider, status = restore_photos([file], None, name, precision, tile_size)
+        if download is None:
+            raise gr.Error(status)
+        return download, slider
+
+    with gr.Blocks(title="deblur-diffusion") as app:
+        gr.Markdown(
+            "# Deblur photos\nDrop photos, restore them, compare before and after (drag the line; zoom with the buttons on the image)."
+        )
+        with gr.Row():
+            with gr.Column():
+                photos = gr.File(label="photos (one or many)", file_count="multiple", file_types=["image"])
+                second = gr.File(label="right views (dual-pixel models only, in the same order)", file_count="multiple")
+                model = gr.Dropdown(names, value=names[0], label="model")
+                precision = gr.Radio(list(PRECISION_CHOICES), value=str(cfg.precision), label="precision")
+                tiles = gr.Slider(64, 1024, value=int(cfg.inference.tile_size), step=32, label="tile size (px) for large photos")
+                button = gr.Button("Restore", variant="primary")
+            with gr.Column():
+                slider = gr.ImageSlider(label="before / after", type="numpy", format="png")
+                download = gr.File(label="restored file (several: a zip)")
+                status = gr.Textbox(label="status", lines=3)
+        if examples:
+            gr.Examples([[[str(path)]] for path in examples], inputs=[photos], label="synthetic blurry examples")
+        button.click(restore_photos, [photos, second, model, precision, tiles], [download, slider, status], api_name="restore_photos")
+        # The API endpoint: one file in, the restored file first out.
+        with gr.Row(visible=False):
+            one = gr.File(label="image")
+            one_out = gr.File(label="restored")
+            one_slider = gr.ImageSlider(type="numpy", format="png")
+            one_button = gr.Button("restore one")
+        one_button.click(restore, [one, model, precision, tiles], [one_out, one_slider], api_name="restore")
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+def _example_photos(folder: Path) -> list[Path]:
+    """A few blurry images of the embedded synthetic data, so that the app shows something at once."""
+    from deblur_diffusion.data.synthesize import synthesize
+
+    synthesize(folder, train_pairs=0, test_pairs=EXAMPLES, image_size=256)
+    return sorted((folder / "test" / "input").glob("*.png"))
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="app")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    require_complete(cfg, unused=("data.", "model."))
+    app = build_app(cfg)
+    app.launch(server_name=cfg.host, server_port=int(cfg.port), share=False, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The web app: its ``/restore`` endpoint through ``gradio_client`` gives what ``predict`` writes, a
+file it cannot restore is an error while the server stays up, and a photo uploaded in a real browser
+page comes back restored (a screenshot goes to ``build/screenshots/app.png``)."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, compose_config
+from networks import TINY_UNET
+from PIL import Image
+
+from deblur_diffusion.data.io import read_image_raw
+from deblur_diffusion.models import Restormer
+from deblur_diffusion.predict import predict
+
+gradio = pytest.importorskip("gradio")
+SCREENSHOTS = REPO_ROOT / "build" / "screenshots"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The app on 127.0.0.1 with a release-format Restormer, and a photo to restore."""
+    from deblur_diffusion.app import build_app
+
+    folder = tmp_path_factory.mktemp("app")
+    torch.manual_seed(0)
+    torch.save({"params": Restormer(**TINY_UNET).state_dict()}, folder / "net_g.pth")
+    photo = folder / "photos" / "street.jpg"
+    photo.parent.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)).save(photo, quality=90, exif=exif)
+    cfg = compose_config("app", folder, f"ckpt={folder / 'net_g.pth'}", "device=cpu")
+    app = build_app(cfg)
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    # What predict writes with the same weights and options: the reference for the app's file.
+    predict(
+        compose_config(
+            "predict", folder, f"ckpt={folder / 'net_g.pth'}", f"input={photo.parent}", f"output={folder / 'predicted'}", "device=cpu"
+        )
+    )
+    yield f"http://127.0.0.1:{port}/", folder, photo
+    app.close()
+
+
+def test_the_restore_endpoint_returns_what_predict_writes_and_survives_a_bad_file(served):
+    from gradio_client import Client, handle_file
+
+    url, folder, photo = served
+    client = Client(url, verbose=False)
+    restored, _ = client.predict(handle_file(str(photo)), "net_g.pth", "fp32", 256, api_name="/restore")
+    assert Path(restored).name == "street.jpg"
+    assert Path(restored).read_bytes() == (folder / "predicted" / "street.jpg").read_bytes()  # pixels, EXIF, quality alike
+    broken = folder / "broken.png"
+    broken.write_text("not a picture")
+    with pytest.raises(Exception, match="cannot decode image"):
+        client.predict(handle_file(str(broken)), "net_g.pth", "fp32", 256, api_name="/restore")
+    again, _ = client.predict(handle_file(str(photo)), "net_g.pth", "fp32", 256, api_name="/restore")  # still up
+    np.testing.assert_array_equal(read_image_raw(again), read_image_raw(folder / "predicted" / "street.jpg"))
+
+
+def test_a_photo_uploaded_in_the_browser_comes_back_restored(served, browser):
+    url, folder, photo = served
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(url)
+    page.locator("input[type=file]").first.set_input_files(str(photo))
+    page.get_by_role("button", name="Restore").click()
+    # The status box is a textarea: its value, not its text, says it is done.
+    page.wait_for_function("[...document.querySelectorAll('textarea')].some(t => t.value.startsWith('restored 1 of 1'))", timeout=60_000)
+    link = page.locator("a[download]").last  # the restored file's (the upload above has its own)
+    link.wait_for(timeout=30_000)
+    href = link.get_attribute("href")
+    downloaded = urllib.request.urlopen(href if href.startswith("http") else url.rstrip("/") + href).read()
+    assert downloaded == (folder / "predicted" / "street.jpg").read_bytes()
+    assert page.locator("img").count() >= 2  # the slider's before and after
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "app.png"))
+    assert not errors, errors
