@@ -63,6 +63,8 @@ from deblur_diffusion.restorer import Restorer, whole_image_budget
 
 PRIOR_BIT_DEPTH = 16
 RECORD = "predict.json"
+# The settings a restoration depends on, recorded in predict.json.
+RECORDED_SETTINGS = ("ema", "inference", "precision", "seed", "prior", "max_pixels", "jpeg_quality", "device")
 
 
 def input_files(source: Path) -> tuple[list[Path], dict[Path, str]]:
@@ -298,10 +300,6 @@ def predict(cfg: DictConfig) -> tuple[list[Path], dict[Path, str]]:
     for path, reason in failures.items():
         console.print(f"  failed: {path}: {reason}", style="red", highlight=False, soft_wrap=True)
     return written, failures
-
-
-# The settings a restoration depends on, recorded in predict.json.
-RECORDED_SETTINGS = ("ema", "inference", "precision", "seed", "prior", "max_pixels", "jpeg_quality", "device")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")

@@ -15,43 +15,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
-class Precision(StrEnum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class EvaluatedWeights(StrEnum):
-    last = "last"
-    best = "best"
-
-
-class EvaluatedSplit(StrEnum):
-    test = "test"
-    val = "val"
-
-
-class ExportFormat(StrEnum):
-    safetensors = "safetensors"
-    official = "official"
-    onnx = "onnx"
-
-
-class PriorKind(StrEnum):
-    auto = "auto"
-    official = "official"
-    paper_decoder = "paper_decoder"
-
-
-class SynthesizedLayout(StrEnum):
-    flat = "flat"
-    scenes = "scenes"
-
-
-class StoreEncoding(StrEnum):
-    raw = "raw"
-    png = "png"
+# The choices of the entry points' settings (each value is its name).
+Precision = StrEnum("Precision", ["fp32", "bf16", "fp16"])
+EvaluatedWeights = StrEnum("EvaluatedWeights", ["last", "best"])
+EvaluatedSplit = StrEnum("EvaluatedSplit", ["test", "val"])
+ExportFormat = StrEnum("ExportFormat", ["safetensors", "official", "onnx"])
+PriorKind = StrEnum("PriorKind", ["auto", "official", "paper_decoder"])
+SynthesizedLayout = StrEnum("SynthesizedLayout", ["flat", "scenes"])
+StoreEncoding = StrEnum("StoreEncoding", ["raw", "png"])
 
 
 @dataclass
