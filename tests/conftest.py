@@ -17,6 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The parity fixtures live in the repository (tests/fixtures); DEBLUR_FIXTURES points elsewhere.
 FIXTURES = Path(os.environ.get("DEBLUR_FIXTURES", REPO_ROOT / "tests" / "fixtures"))
 PARITY = FIXTURES / "official_parity"
+# predict and the app run through ONNX Runtime on a CPU by default, which exports each network's
+# graph once (20-40 s for a tiny one): the tests of that path (test_onnx_runtime.py) ask for it, the
+# others restore through PyTorch (subprocesses inherit this).
+os.environ.setdefault("DEBLUR_DIFFUSION_BACKEND", "torch")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -27,7 +27,7 @@ def train_args(tmp_path, *extra):
 
 
 def test_train_writes_checkpoint_samples_and_table_then_resumes_from_its_step(tmp_path):
-    first = run_cli("train", *train_args(tmp_path / "a", "hydra.run.dir=" + str(tmp_path / "a")), cwd=tmp_path)
+    first = run_cli("train", *train_args(tmp_path / "a", "hydra.run.dir=" + str(tmp_path / "a"), "report=true"), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "blurry input" in first.stdout and "PSNR" in first.stdout
     assert f"Run outputs: {tmp_path / 'a'}" in first.stdout
@@ -53,6 +53,11 @@ def test_train_writes_checkpoint_samples_and_table_then_resumes_from_its_step(tm
     )
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["provenance"] == made_by
+    # report=true (the quickstart's): the same evaluation of the same weights, with its report named.
+    page = tmp_path / "a" / "evaluation" / "report.html"
+    assert f"before and after: {page}" in " ".join(first.stdout.split())
+    after_training = json.loads((tmp_path / "a" / "evaluation" / "summary.json").read_text())
+    assert after_training["summary"] == json.loads((tmp_path / "eval" / "summary.json").read_text())["summary"]
 
     resumed = run_cli(
         "train",

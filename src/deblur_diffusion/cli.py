@@ -184,5 +184,14 @@ def restorer_and_record(cfg: DictConfig) -> tuple[Restorer, LoadedNetwork]:
     if cfg.get("seed") is not None and loaded.net.samples_noise:
         loaded.net.noise_seed = int(cfg.seed)
     inference = instantiate(cfg.inference)
-    restorer = Restorer(loaded.net, inference, pick_device(cfg.device), loaded.weights, cfg.get("precision", "fp32"), loaded.views)
+    restorer = Restorer(
+        loaded.net,
+        inference,
+        pick_device(cfg.device),
+        loaded.weights,
+        cfg.get("precision", "fp32"),
+        loaded.views,
+        cfg.get("backend", "torch"),
+        loaded.net_config,
+    )
     return restorer, loaded

@@ -213,6 +213,22 @@ def evaluate(cfg: DictConfig) -> dict:
     return summary
 
 
+def evaluate_training_run(train_cfg: DictConfig, ckpt: str, output_dir: Path) -> Path:
+    """Scores ``ckpt`` of a training run on its val split as ``evaluate split=val`` does, with the
+    run's own data and inference settings; writes the results and ``report.html`` to ``output_dir``."""
+    cfg = hydra.compose(config_name="evaluate")
+    with open_dict(cfg):
+        cfg.ckpt = ckpt
+        cfg.split = "val"
+        cfg.data = OmegaConf.to_container(train_cfg.data, resolve=True)
+        cfg.inference = OmegaConf.to_container(train_cfg.inference, resolve=True)
+        cfg.output_dir = str(output_dir)
+        # LPIPS downloads a VGG or AlexNet: not for a closing report.
+        cfg.lpips = False
+    evaluate(cfg)
+    return output_dir / "report.html"
+
+
 # The side of a panel of the pictures sent to W&B: larger images are subsampled to fit.
 WANDB_PANEL_SIDE = 512
 

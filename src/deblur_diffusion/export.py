@@ -31,6 +31,7 @@ from torch import nn
 from deblur_diffusion.checkpoints import CheckpointError
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, weights_and_architecture
 from deblur_diffusion.errors import ConfigError
+from deblur_diffusion.inference.onnx import export_graph, import_onnxruntime, not_exportable
 from deblur_diffusion.models.interface import RestorationNetwork
 from deblur_diffusion.provenance import provenance
 from deblur_diffusion.weights import EXPORT_CONFIG, EXPORT_WEIGHTS, load_network
@@ -90,57 +91,18 @@ def export_official(weights, out: str | Path, net_config: Mapping | None = None)
 
 
 ONNX_FILE = "model.onnx"
-# The agreement checked after an ONNX export, between onnxruntime and PyTorch (float32 throughout).
-ONNX_TOLERANCE = 1e-4
-
-
-# The sides an ONNX graph takes (from max(16, the network's size multiple): the traced reflect-padding
-# needs the padding to be shorter than the side).
-ONNX_MAX_SIDE = 8192
-
-
-def _onnx_sizes(multiple: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(traced size, checked size): neither a multiple of the padding, so the traced graph keeps its
-    padding and crop (an example of a multiple would trace them away), and checked at another size."""
-    return (2 * multiple + 3, 2 * multiple + 5), (3 * multiple + 7, multiple + multiple // 2 + 1)
 
 
 def export_onnx(weights, out: str | Path, net_config: Mapping | None = None, ema: bool = True) -> tuple[Path, float]:
     """Writes ``out/model.onnx`` for ``weights``; returns the file and the largest difference
     between onnxruntime and PyTorch at a second size."""
-    try:
-        import onnxruntime
-    except ImportError as error:
-        raise ConfigError(
-            "format=onnx needs the export extra: pip install 'deblur-diffusion[export]' (onnx, onnxscript, onnxruntime)"
-        ) from error
+    import_onnxruntime()
     net = load_network(weights, net_config, ema=ema).net.eval()
-    if net.samples_noise or net.needs_sharp_input or not hasattr(net, "size_multiple"):
-        raise ConfigError(
-            f"{type(net).__name__} is not exported to ONNX: only Restormer and Swintormer are (a diffusion model samples "
-            "seeded noise over T network calls at inference; HI-Diff stage one reads the sharp image)"
-        )
-    multiple = net.size_multiple
-    traced, checked = _onnx_sizes(multiple)
-    side = {"min": max(16, multiple), "max": ONNX_MAX_SIDE}
-    dims = {2: torch.export.Dim("height", **side), 3: torch.export.Dim("width", **side)}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ONNX_FILE
-    example = torch.rand(1, net.input_channels, *traced)
-    torch.onnx.export(
-        net, (example,), str(path), dynamo=True, dynamic_shapes={"x": dims}, input_names=["blurry"], output_names=["restored"]
-    )
-    probe = torch.rand(1, net.input_channels, *checked, generator=torch.Generator().manual_seed(0))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        expected = net(probe).numpy()
-    difference = float(abs(session.run(None, {"blurry": probe.numpy()})[0] - expected).max())
-    if difference > ONNX_TOLERANCE:
-        raise ConfigError(
-            f"{path}: onnxruntime differs from PyTorch by {difference:.2e} at {checked[0]}x{checked[1]} (more than {ONNX_TOLERANCE})"
-        )
-    return path, difference
+    reason = not_exportable(net)
+    if reason:
+        raise ConfigError(reason)
+    path = Path(out) / ONNX_FILE
+    return path, export_graph(net, path)
 
 
 FORMATS = ("safetensors", "official", "onnx")

@@ -17,6 +17,7 @@ from omegaconf import MISSING
 
 # The choices of the entry points' settings (each value is its name).
 Precision = StrEnum("Precision", ["fp32", "bf16", "fp16"])
+Backend = StrEnum("Backend", ["auto", "torch", "onnxruntime"])
 EvaluatedWeights = StrEnum("EvaluatedWeights", ["last", "best"])
 EvaluatedSplit = StrEnum("EvaluatedSplit", ["test", "val"])
 ExportFormat = StrEnum("ExportFormat", ["safetensors", "official", "onnx"])
@@ -51,6 +52,7 @@ class TrainSettings(_Groups, _Presets):
     ckpt_path: str | None = None
     test: bool = True
     evaluate_checkpoint: EvaluatedWeights = EvaluatedWeights.last
+    report: bool = False
     optimized_metric: str | None = "val/psnr"
     logger: Any = None
     callbacks: Any = None
@@ -69,10 +71,12 @@ class _Restoring(_Groups):
     seed: int = 0
     device: str = "auto"
     precision: Precision = Precision.fp32
+    backend: Backend = Backend.auto
 
 
 @dataclass
 class EvaluateSettings(_Restoring, _Presets):
+    backend: Backend = Backend.torch
     split: EvaluatedSplit = EvaluatedSplit.test
     protocol: str = "auto"
     score_with_ground_truth_prior: bool = False

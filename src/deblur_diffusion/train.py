@@ -29,6 +29,7 @@ from deblur_diffusion.checkpoints import CheckpointError, read_checkpoint
 from deblur_diffusion.cli import RUN_LOG, config_dir, pass_lightning_messages_to_run_log, report_errors, require_complete, show
 from deblur_diffusion.cluster import resume_checkpoint, under_slurm
 from deblur_diffusion.errors import ConfigError
+from deblur_diffusion.evaluate import evaluate_training_run
 from deblur_diffusion.planning import plan_table, training_plan
 from deblur_diffusion.provenance import provenance
 
@@ -83,13 +84,15 @@ def plan_caption(datamodule) -> str:
 
 
 @rank_zero_only
-def report(console: Console, output_dir: Path, tables: list[Table], best_checkpoint: str) -> None:
+def report(console: Console, output_dir: Path, tables: list[Table], best_checkpoint: str, report_page: Path | None) -> None:
     lines = [f"Run outputs: {output_dir}"]
     if best_checkpoint:
         lines.append(f"  best checkpoint: {best_checkpoint}")
     samples = output_dir / "samples" / "latest.png"
     if samples.is_file():
         lines.append(f"  blurry | restored | sharp: {samples}")
+    if report_page is not None:
+        lines.append(f"  every validation image, before and after: {report_page} (open it in a browser)")
     show(console, *tables, *lines)
 
 
@@ -217,7 +220,14 @@ def train(cfg: DictConfig) -> float | None:
         test_metrics = dict(tested[0]) if tested else {}
         metrics.update(test_metrics)
         tables.append(metrics_table("Test", test_metrics, "test"))
-    report(Console(), output_dir, tables, best)
+    report_page = None
+    if cfg.report and trainer.is_global_zero:
+        last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        weights = evaluation_ckpt or last
+        if not weights:
+            raise ConfigError("report=true evaluates a saved checkpoint: keep the checkpoint callback (callbacks=default)")
+        report_page = evaluate_training_run(cfg, weights, output_dir / "evaluation")
+    report(Console(), output_dir, tables, best, report_page)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             # Ends this run, so that the next sweep trial in this process starts its own.

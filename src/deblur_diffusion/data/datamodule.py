@@ -89,7 +89,9 @@ class DeblurDataModule(L.LightningDataModule):
         flips: random horizontal and vertical flips of training patches.
         rotations: random 90-degree rotations of training patches.
         num_workers: data-loading processes (0 loads in the main process).
-        seed: seeds the sampling order, crops and augmentations.
+        seed: seeds the sampling order, crops and augmentations (the run's seed).
+        split_seed: seeds which pairs ``val_fraction`` holds out: the same validation pairs
+            whatever the run's seed, so that ``evaluate split=val`` scores what training validated on.
         prior_dir: a folder of precomputed diffusion priors (``<prior_dir>/<split>/<pair name>.png``,
             written by ``generate_prior``), appended to the input channels.
         protocol: the evaluation protocol of the dataset's paper tables
@@ -104,7 +106,7 @@ class DeblurDataModule(L.LightningDataModule):
         val_fraction: hold this fraction of the training pairs out as the validation split, in place
             of ``val`` (None: off). For GoPro, HIDE and RealBlur, whose official "val" is the test
             set, it lets a run select checkpoints without the test set. The pairs are drawn with
-            ``seed`` (the same ones every run), one by one: frames of one scene may fall on both sides.
+            ``split_seed`` (the same ones every run), one by one: frames of one scene may fall on both sides.
             Priors of held-out pairs come from ``prior_dir/train``; a store must be prepared with
             the same ``val_fraction`` (it holds the training pairs left).
     """
@@ -128,6 +130,7 @@ class DeblurDataModule(L.LightningDataModule):
         crops: dict | None = None,
         prepared_dir: str | None = None,
         val_fraction: float | None = None,
+        split_seed: int = 0,
     ):
         super().__init__()
         self.protocol = get_protocol(protocol).name
@@ -138,7 +141,7 @@ class DeblurDataModule(L.LightningDataModule):
                 split: None if source is None else WithPrior(source, Path(prior_dir) / split) for split, source in self.sources.items()
             }
         if val_fraction is not None:
-            self.sources["train"], self.sources["val"] = held_out_split(self.sources["train"], val_fraction, seed)
+            self.sources["train"], self.sources["val"] = held_out_split(self.sources["train"], val_fraction, split_seed)
         if prepared_dir is not None:
             train_source = self.sources["train"]
             expected = None if train_source is None else source_settings(train_source, self.crop_rule)

@@ -177,12 +177,24 @@ class Upsample(nn.Module):
 
 def pad_bottom_right(x: torch.Tensor, pad_h: int, pad_w: int, mode: str = "reflect") -> torch.Tensor:
     """Pads the bottom and right of an NCHW tensor. Reflection needs each pad to be smaller than
-    its side, so tiny inputs fall back to replicate padding."""
+    its side, so a side shorter than its pad is padded by replicating its last row or column."""
     if pad_h == 0 and pad_w == 0:
         return x
-    if mode == "reflect" and (pad_h >= x.shape[-2] or pad_w >= x.shape[-1]):
-        mode = "replicate"
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+    if mode != "reflect":
+        return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+    rows = _reflected_indices(x.shape[-2], pad_h, x.device)
+    columns = _reflected_indices(x.shape[-1], pad_w, x.device)
+    return x.index_select(-2, rows).index_select(-1, columns)
+
+
+def _reflected_indices(length: int, pad: int, device: torch.device) -> torch.Tensor:
+    """The source index of each position of a side of ``length`` padded by ``pad`` at its end:
+    reflected when ``pad < length``, else the last index repeated. Written with tensor arithmetic and
+    no branch on the sizes, so that one exported graph (ONNX) pads every size as PyTorch does."""
+    positions = torch.arange(length + pad, device=device)
+    total = torch.ones_like(positions).sum()
+    reflected = torch.where(total < 2 * length, 2 * (length - 1) - positions, length - 1)
+    return torch.where(positions < length, positions, reflected)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:

@@ -1,0 +1,93 @@
+"""Restoring through ONNX Runtime (predict's backend=auto on a CPU): the same outputs as PyTorch at
+every size PyTorch takes, with the release's window, one graph exported per weights and reused."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+from networks import TINY_UNET
+
+from deblur_diffusion.data.io import read_image_raw, write_image
+from deblur_diffusion.errors import ConfigError
+from deblur_diffusion.inference.onnx import cached_graph
+from deblur_diffusion.models import Restormer, Swintormer
+from deblur_diffusion.predict import predict
+from deblur_diffusion.restorer import Restorer
+
+pytest.importorskip("onnxruntime")
+
+# Sides smaller than the padding (Swintormer with its released window pads to multiples of 128),
+# odd, a multiple, and a 2-pixel image.
+SIZES = [(2, 3), (61, 77), (128, 128), (131, 300), (17, 9)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["restormer", "swintormer"])
+def test_onnx_runtime_restores_like_pytorch_at_every_size_with_the_release_window(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("DEBLUR_DIFFUSION_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    net = (Swintormer(window_size=16, **TINY_UNET) if name == "swintormer" else Restormer(**TINY_UNET)).eval()
+    graph = cached_graph(net, {"name": name})
+    for height, width in SIZES:
+        image = torch.rand(2, net.input_channels, height, width)
+        with torch.no_grad():
+            expected = net(image)
+        restored = graph(image)
+        assert restored.shape == expected.shape == (2, 3, height, width)
+        assert (restored - expected).abs().max() < 1e-4, (height, width)
+
+
+@pytest.mark.slow
+def test_predict_on_a_cpu_runs_onnx_runtime_by_default_exports_once_and_repairs_a_broken_graph(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DEBLUR_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DEBLUR_DIFFUSION_BACKEND")
+    torch.manual_seed(0)
+    net = Restormer(**TINY_UNET).eval()
+    torch.save({"params": net.state_dict()}, tmp_path / "net_g.pth")
+    write_image(tmp_path / "photos" / "a.png", np.random.default_rng(0).random((45, 70, 3)), 16)
+
+    def run(output, *overrides):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="deblur_diffusion"):
+            predict(
+                compose_config(
+                    "predict",
+                    tmp_path,
+                    f"ckpt={tmp_path / 'net_g.pth'}",
+                    f"input={tmp_path / 'photos'}",
+                    f"output={tmp_path / output}",
+                    "device=cpu",
+                    *overrides,
+                )
+            )
+        record = json.loads((tmp_path / output / "predict.json").read_text())
+        return read_image_raw(tmp_path / output / "a.png").astype(int), record, caplog.text
+
+    reference, record, _ = run("torch", "backend=torch")
+    assert record["backend"] == "torch"
+    restored, record, log = run("auto")
+    assert record["backend"] == "onnxruntime" and "exporting the network to ONNX" in log
+    # 16-bit outputs within 1e-4 of PyTorch: 7 steps of 1/65535.
+    assert np.abs(restored - reference).max() <= 7
+    (graph,) = (tmp_path / "cache" / "onnx").glob("*/model.onnx")
+    exported = graph.stat().st_mtime_ns
+    again, _, log = run("again")
+    assert "exporting" not in log and graph.stat().st_mtime_ns == exported
+    np.testing.assert_array_equal(again, restored)
+    graph.write_bytes(b"not a graph")
+    repaired, _, log = run("repaired")
+    assert "could not be used" in log and "exporting the network to ONNX" in log
+    np.testing.assert_array_equal(repaired, restored)
+
+
+def test_onnx_runtime_asked_for_where_it_cannot_run_names_why():
+    net = Restormer(**TINY_UNET)
+    with pytest.raises(ConfigError, match="backend=onnxruntime: it runs in fp32, not bf16"):
+        Restorer(net, device="cpu", precision="bf16", backend="onnxruntime")
+    # auto falls back to PyTorch there.
+    assert Restorer(net, device="cpu", precision="bf16", backend="auto").backend == "torch"
