@@ -1,23 +1,25 @@
 """``predict`` on a 12-megapixel photograph (4000 x 3000) on this machine: seconds and peak memory.
 
-    python benchmarks/predict_12mp.py                      # the table of the README (about 6 min on 2 cores)
+    python benchmarks/predict_12mp.py                      # the table of docs/benchmarks.md (about 25 min on 2 cores)
     python benchmarks/predict_12mp.py --models quickstart
 
-Rows, for the quickstart Restormer and the paper-size one (random weights: the speed does not
-depend on them):
+Rows, for the quickstart Restormer, the paper-size Restormer and the paper-size Swintormer (single
+image, the released window of 16; random weights: the speed does not depend on them):
 
 * the official test script's approach: the whole image at once, fp32 (``max_pixels`` above the
   image), under a ``--memory-limit`` address-space cap (as every row that holds the whole image) so
   that running out of memory fails in the process instead of swapping the machine;
-* ``predict``'s default on a CPU: 12 MP is above ``max_pixels=auto`` (4 MP here), so 256 px tiles
-  every 220 px, fp32;
-* ``precision=bf16`` and onnxruntime on the same tiles.
+* ``predict backend=torch``: 12 MP is above ``max_pixels=auto`` (4 MP on a CPU), so 256 px tiles
+  every 220 px, fp32, through PyTorch;
+* the ONNX export that ``backend=auto`` makes once per weights (into an empty cache);
+* ``predict``'s default on a CPU (``backend=auto``: ONNX Runtime) on the same tiles, the graph in the cache.
 
 Every row runs in a fresh process, whose peak resident memory (``ru_maxrss``, Python and PyTorch
-included) is its memory figure. Rows marked "extrapolated" time one 256 px tile and multiply by the
-image's tile count (the tiled run restores each tile alone, so its time is that sum); a whole paper-
-size run would take the better part of an hour per row on 2 cores. Their memory is the one-tile
-process's plus the float32 image buffers the tiled run keeps (input, output, weights: 3 x 144 MiB).
+included) is its memory figure. Rows marked "extrapolated" time one 256 px tile through the
+``Restorer`` that ``predict`` uses and multiply by the image's tile count (the tiled run restores
+each tile alone, so its time is that sum); a whole paper-size run would take the better part of an
+hour per row on 2 cores. Their memory is the one-tile process's plus the float32 image buffers the
+tiled run keeps (input, output, weights: 3 x 144 MiB).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -42,9 +45,10 @@ WIDTH, HEIGHT = 4000, 3000
 TILE, STRIDE = 256, 220
 ARCHITECTURES = {
     # conf/experiment/quickstart.yaml's network
-    "quickstart": {"dim": 16, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 1, 2, 2]},
-    # the paper configuration (conf/model/restormer.yaml)
-    "paper": {},
+    "quickstart": ("Restormer", {"dim": 16, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 1, 2, 2]}),
+    # the paper configurations (conf/model/restormer.yaml; Swintormer on one image)
+    "paper": ("Restormer", {}),
+    "swintormer": ("Swintormer", {"inp_channels": 3}),
 }
 # The image buffers a tiled run holds beside one tile's activations (float32 input, output, weights).
 TILED_IMAGE_BUFFERS_MIB = 3 * WIDTH * HEIGHT * 3 * 4 / 2**20
@@ -87,40 +91,34 @@ def run_predict(weights: Path, photo: Path, out: Path, *overrides: str) -> None:
         raise RuntimeError(next(iter(failures.values())))
 
 
-def one_tile(net: torch.nn.Module, precision: str, weights: Path, folder: Path) -> float:
-    """Seconds of one 256 px tile (after a warm-up) in PyTorch at ``precision``, or onnxruntime."""
-    tile = torch.rand(1, 3, TILE, TILE)
-    if precision == "onnx":
-        import onnxruntime
+def network(model: str) -> torch.nn.Module:
+    from deblur_diffusion import models
 
-        from deblur_diffusion.export import export_onnx
+    name, arguments = ARCHITECTURES[model]
+    torch.manual_seed(0)
+    return getattr(models, name)(**arguments).eval()
 
-        path, _ = export_onnx(weights, folder / "onnx")
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-        def forward():
-            return session.run(None, {"blurry": tile.numpy()})
-    else:
-        dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+def one_tile(net: torch.nn.Module, backend: str, model: str) -> float:
+    """Seconds of one 256 px tile (after a warm-up) through predict's Restorer."""
+    from deblur_diffusion.restorer import Restorer
 
-        def forward():
-            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                return net(tile)
-
-    forward()
+    restorer = Restorer(net, device="cpu", backend=backend, net_config={"benchmark": model})
+    tile = torch.rand(1, net.input_channels, TILE, TILE)
+    restorer.restore(tile)
     start = time.perf_counter()
-    forward()
+    restorer.restore(tile)
     return time.perf_counter() - start
 
 
 def child(row: str, model: str, folder: Path, memory_limit_gib: float | None) -> dict:
     """Runs one row in this (fresh) process and returns its figures."""
-    from deblur_diffusion.models import Restormer
+    from deblur_diffusion.inference.onnx import cached_graph
 
-    torch.manual_seed(0)
-    net = Restormer(**ARCHITECTURES[model]).eval()
+    net = network(model)
     weights = folder / f"{model}.pth"
-    torch.save({"params": net.state_dict()}, weights)
+    if not weights.exists():
+        torch.save({"params": net.state_dict()}, weights)
     photo = folder / "photos" / "photo.png"
     out = folder / f"out_{model}_{row}"
     start = time.perf_counter()
@@ -129,42 +127,40 @@ def child(row: str, model: str, folder: Path, memory_limit_gib: float | None) ->
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
         if row == "whole":
-            run_predict(weights, photo, out, f"max_pixels={WIDTH * HEIGHT}")
+            run_predict(weights, photo, out, f"max_pixels={WIDTH * HEIGHT}", "backend=torch")
+        elif row == "tiles_torch":
+            run_predict(weights, photo, out, f"inference.tile_size={TILE}", f"inference.stride={STRIDE}", "backend=torch")
         elif row == "tiles":
             run_predict(weights, photo, out, f"inference.tile_size={TILE}", f"inference.stride={STRIDE}")
-        elif row == "onnx_whole":
-            import onnxruntime
-
-            from deblur_diffusion.export import export_onnx
-
-            path, _ = export_onnx(weights, folder / f"onnx_{model}")
-            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            image = np.asarray(Image.open(photo), dtype=np.float32).transpose(2, 0, 1)[None] / 255.0
-            start = time.perf_counter()
-            session.run(None, {"blurry": image})
-        else:  # one tile of fp32, bf16 or onnx, extrapolated to the image
-            seconds = one_tile(net, row.removeprefix("tile_"), weights, folder)
+        elif row == "export":
+            cached_graph(net, {"benchmark": model})
+        else:  # one tile through PyTorch or ONNX Runtime, extrapolated to the image
+            seconds = one_tile(net, row.removeprefix("tile_"), model)
             return {"seconds": seconds * tile_count(), "peak_mib": peak_mib() + TILED_IMAGE_BUFFERS_MIB, "extrapolated": True}
     except (MemoryError, RuntimeError) as error:
         return {"error": str(error).splitlines()[0][:90], "seconds": time.perf_counter() - start, "peak_mib": peak_mib()}
     return {"seconds": time.perf_counter() - start, "peak_mib": peak_mib()}
 
 
+PAPER_ROWS = [
+    ("whole", "official approach: whole image, fp32"),
+    ("tile_torch", "backend=torch: 256 px tiles, fp32 (extrapolated)"),
+    ("export", "ONNX export, once per weights"),
+    ("tile_onnxruntime", "predict default: ONNX Runtime, 256 px tiles (extrapolated)"),
+]
 ROWS = {
     "quickstart": [
         ("whole", "official approach: whole image, fp32"),
-        ("tiles", "predict default: 256 px tiles, fp32"),
-        ("tile_bf16", "256 px tiles, bf16 (extrapolated)"),
-        ("onnx_whole", "onnxruntime, whole image"),
-        ("tile_onnx", "onnxruntime, 256 px tiles (extrapolated)"),
+        ("tiles_torch", "backend=torch: 256 px tiles, fp32"),
+        ("export", "ONNX export, once per weights"),
+        ("tiles", "predict default: ONNX Runtime, 256 px tiles"),
     ],
-    "paper": [
-        ("whole", "official approach: whole image, fp32"),
-        ("tile_fp32", "predict default: 256 px tiles, fp32 (extrapolated)"),
-        ("tile_bf16", "256 px tiles, bf16 (extrapolated)"),
-        ("tile_onnx", "onnxruntime, 256 px tiles (extrapolated)"),
-    ],
+    "paper": PAPER_ROWS,
+    "swintormer": PAPER_ROWS,
 }
+
+# The speed-up column: PyTorch's tiles against the whole image, ONNX Runtime's against PyTorch's tiles.
+SPEED_BASELINE = {"tiles_torch": "whole", "tile_torch": "whole", "tiles": "tiles_torch", "tile_onnxruntime": "tile_torch"}
 
 
 def main() -> None:
@@ -180,14 +176,16 @@ def main() -> None:
         return
     console = Console()
     table = Table(title=f"predict on a {WIDTH}x{HEIGHT} photo, CPU ({torch.get_num_threads()} threads), {tile_count()} tiles of {TILE} px")
-    for column in ("model", "run", "seconds", "vs official", "peak memory (GiB)"):
+    for column in ("model", "run", "seconds", "speed-up", "peak memory (GiB)"):
         table.add_column(column, justify="left" if column in ("model", "run") else "right")
     results = {}
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         write_photo(folder)
+        os.environ["DEBLUR_DIFFUSION_CACHE"] = str(folder / "cache")  # the rows' children share it
+        os.environ.pop("DEBLUR_DIFFUSION_BACKEND", None)
         for model in args.models:
-            baseline = None
+            seconds_of = {}
             for row, label in ROWS[model]:
                 command = [sys.executable, __file__, "--child", row, model, str(folder)]
                 if not row.startswith("tile_"):
@@ -205,8 +203,9 @@ def main() -> None:
                 results[f"{model}/{row}"] = figures
                 console.print(f"{model} {row}: {figures}", highlight=False)
                 failed = "error" in figures
-                if row == "whole" and not failed:
-                    baseline = figures["seconds"]
+                if not failed:
+                    seconds_of[row] = figures["seconds"]
+                baseline = seconds_of.get(SPEED_BASELINE.get(row, ""))
                 ratio = f"{baseline / figures['seconds']:.2f}x" if baseline and not failed else ""
                 seconds = f"failed after {figures['seconds']:.0f} s: {figures['error']}" if failed else f"{figures['seconds']:.1f}"
                 table.add_row(model, label, seconds, ratio, f"{figures['peak_mib'] / 1024:.2f}")

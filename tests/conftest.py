@@ -24,6 +24,8 @@ os.environ.setdefault("DEBLUR_DIFFUSION_BACKEND", "torch")
 
 
 def pytest_collection_modifyitems(config, items):
+    # The long tests first, so that the workers do not end waiting on one of them.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; CI machines have none")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
@@ -70,18 +72,93 @@ def compose_config(name: str, root: Path, *overrides: str, output_dir: Path | No
         return compose(name, overrides=[*overrides, *paths])
 
 
-def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Runs ``python -m deblur_diffusion.<module> args`` and returns the finished process."""
+def run_cli(
+    module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300, isolated: bool = False
+) -> subprocess.CompletedProcess:
+    """Runs ``python -m deblur_diffusion.<module> args`` and returns the finished process.
+
+    In this process (the entry point's ``main`` with that command line, its output captured, the
+    process state it may change put back after), unless ``isolated``: a real process, for what a
+    subprocess is needed for (signals, launchers that start ranks, notebooks' kernels, timeouts).
+    Starting Python with torch and Lightning takes 6-10 s on a CI machine, most of such a test."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", f"deblur_diffusion.{module}", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    # Lightning's DDP launcher starts the other ranks by running this command line again.
+    if isolated or any(arg.startswith("trainer=ddp") for arg in args):
+        return subprocess.run(
+            [sys.executable, "-m", f"deblur_diffusion.{module}", *args],
+            cwd=cwd,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    return _run_in_process(module, list(args), cwd, full_env)
+
+
+def _run_in_process(module: str, args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import signal
+    import traceback
+    import warnings
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    entry_point = importlib.import_module(f"deblur_diffusion.{module}")
+    saved_environ, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    saved_signals = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
+    root = logging.getLogger()
+    saved_logging = {name: (logger.handlers[:], logger.level, logger.propagate) for name, logger in _loggers().items()}
+    saved_threads = torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    returncode = 0
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd)
+        sys.argv = [entry_point.__file__, *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            try:
+                entry_point.main()
+            except SystemExit as error:
+                returncode = error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
+                if isinstance(error.code, str):
+                    err.write(error.code + "\n")
+            except Exception:  # what Python prints, and the exit status, of an uncaught error
+                err.write(traceback.format_exc())
+                returncode = 1
+    finally:
+        GlobalHydra.instance().clear()
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
+        current = _loggers()
+        for name, logger in current.items():
+            handlers, level, propagate = saved_logging.get(name, ([], logging.NOTSET, True))
+            for handler in logger.handlers[:]:
+                if handler not in handlers:
+                    logger.removeHandler(handler)
+                    handler.close()
+            logger.setLevel(level)
+            logger.propagate = propagate
+        root.handlers[:] = saved_logging[""][0]
+        torch.set_num_threads(saved_threads)
+    return subprocess.CompletedProcess(
+        [sys.executable, "-m", f"deblur_diffusion.{module}", *args], returncode, out.getvalue(), err.getvalue()
     )
+
+
+def _loggers() -> dict:
+    import logging
+
+    loggers = {name: logger for name, logger in logging.Logger.manager.loggerDict.items() if isinstance(logger, logging.Logger)}
+    return {"": logging.getLogger(), **loggers}
 
 
 def _as_overrides(node, prefix: str) -> list[str]:

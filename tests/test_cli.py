@@ -27,7 +27,10 @@ def train_args(tmp_path, *extra):
 
 
 def test_train_writes_checkpoint_samples_and_table_then_resumes_from_its_step(tmp_path):
-    first = run_cli("train", *train_args(tmp_path / "a", "hydra.run.dir=" + str(tmp_path / "a"), "report=true"), cwd=tmp_path)
+    # In its own process: what the console shows (Lightning's log lines, once) is under test.
+    first = run_cli(
+        "train", *train_args(tmp_path / "a", "hydra.run.dir=" + str(tmp_path / "a"), "report=true"), cwd=tmp_path, isolated=True
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "blurry input" in first.stdout and "PSNR" in first.stdout
     assert f"Run outputs: {tmp_path / 'a'}" in first.stdout

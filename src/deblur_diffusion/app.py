@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, restorer_and_record
 from deblur_diffusion.data.io import read_photo, to_float, to_integer_image, unsupported_reason
 from deblur_diffusion.errors import ConfigError, DeblurError
-from deblur_diffusion.predict import Photo, PriorSource, model_views, restore_file
+from deblur_diffusion.predict import BACKEND_NAMES, Photo, PriorSource, model_views, restore_file
 from deblur_diffusion.restorer import whole_image_budget
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
@@ -117,7 +117,10 @@ def build_app(cfg: DictConfig):
             written, failures = restore_files(restorers, files, second_views, name, precision, tile_size, out)
         except DeblurError as error:
             raise gr.Error(str(error)) from error
-        status = f"restored {len(written)} of {len(files)}" + "".join(f"\n{file}: {reason}" for file, reason in failures.items())
+        restorer = restorers.get(name, precision, tile_size)[0]
+        status = f"restored {len(written)} of {len(files)} on {restorer.device} through {BACKEND_NAMES[restorer.backend]}" + "".join(
+            f"\n{file}: {reason}" for file, reason in failures.items()
+        )
         if not written:
             return None, None, status
         download = written[0]

@@ -7,9 +7,8 @@ are and where they came from; ``deblur_diffusion.load_pretrained(DIR)`` rebuilds
 ``format=official``: the authors' release files (``DIR/net_g.pth``, and for HI-Diff the encoder and
 denoiser files) as BasicSR saves them: ``params`` the raw weights and, when there is an EMA,
 ``params_ema`` the EMA; for the official test scripts and the tools that read them.
-``format=onnx``: ``DIR/model.onnx``, one graph for one image of any height and width from 16 px (and
-from the size multiple: Swintormer's 16 x window) to 8192 px (the padding to the network's size
-multiple and the crop back are inside it), for Restormer and Swintormer (single
+``format=onnx``: ``DIR/model.onnx``, one graph for one image of any height and width from 2 px (the
+padding to the network's size multiple and the crop back are inside it), for Restormer and Swintormer (single
 image, dual-pixel, or with a precomputed prior as extra input channels); checked against PyTorch
 with onnxruntime at a size that is not a multiple of the padding. Diffusion models are refused:
 their inference samples seeded noise in a loop of T network calls (HI-Diff stage two, the LDM prior).
