@@ -146,7 +146,7 @@ PAPER_ROWS = [
     ("whole", "official approach: whole image, fp32"),
     ("tile_torch", "backend=torch: 256 px tiles, fp32 (extrapolated)"),
     ("export", "ONNX export, once per weights"),
-    ("tile_onnxruntime", "predict default: ONNX Runtime, 256 px tiles (extrapolated)"),
+    ("tile_onnxruntime", "ONNX Runtime (predict's default on a CPU once the graph is cached), 256 px tiles (extrapolated)"),
 ]
 ROWS = {
     "quickstart": [

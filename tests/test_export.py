@@ -160,7 +160,8 @@ def test_an_onnx_export_runs_at_any_size_as_pytorch(tmp_path, parity_dir, name, 
     assert path.name == "model.onnx" and checked < 1e-4
     net = load_network(parity_dir / name / "net_g.pth", overrides).net.eval()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for height, width in ((net.size_multiple + 11, 2 * net.size_multiple - 3), (3 * net.size_multiple, max(16, net.size_multiple))):
+    sizes = ((net.size_multiple + 11, 2 * net.size_multiple - 3), (3 * net.size_multiple, max(16, net.size_multiple)), (2, 3), (5, 7))
+    for height, width in sizes:
         image = torch.rand(1, net.input_channels, height, width)
         with torch.no_grad():
             expected = net(image).numpy()

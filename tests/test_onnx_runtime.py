@@ -14,7 +14,7 @@ from networks import TINY_UNET
 
 from deblur_diffusion.data.io import read_image_raw, write_image
 from deblur_diffusion.errors import ConfigError
-from deblur_diffusion.inference.onnx import cached_graph
+from deblur_diffusion.inference.onnx import cached_graph, graph_path
 from deblur_diffusion.models import Restormer, Swintormer
 from deblur_diffusion.predict import predict
 from deblur_diffusion.restorer import Restorer
@@ -26,13 +26,13 @@ pytest.importorskip("onnxruntime")
 SIZES = [(2, 3), (61, 77), (128, 128), (131, 300), (17, 9)]
 
 
+# Restormer's graph at these sizes: test_export.py.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["restormer", "swintormer"])
-def test_onnx_runtime_restores_like_pytorch_at_every_size_with_the_release_window(tmp_path, monkeypatch, name):
+def test_onnx_runtime_restores_like_pytorch_at_every_size_with_the_release_window(tmp_path, monkeypatch):
     monkeypatch.setenv("DEBLUR_DIFFUSION_CACHE", str(tmp_path))
     torch.manual_seed(0)
-    net = (Swintormer(window_size=16, **TINY_UNET) if name == "swintormer" else Restormer(**TINY_UNET)).eval()
-    graph = cached_graph(net, {"name": name})
+    net = Swintormer(window_size=16, **TINY_UNET).eval()
+    graph = cached_graph(net, {"window_size": 16})
     for height, width in SIZES:
         image = torch.rand(2, net.input_channels, height, width)
         with torch.no_grad():
@@ -91,3 +91,28 @@ def test_onnx_runtime_asked_for_where_it_cannot_run_names_why():
         Restorer(net, device="cpu", precision="bf16", backend="onnxruntime")
     # auto falls back to PyTorch there.
     assert Restorer(net, device="cpu", precision="bf16", backend="auto").backend == "torch"
+
+
+def test_auto_falls_back_to_pytorch_when_the_graph_cannot_be_made(tmp_path, monkeypatch, caplog):
+    blocked = tmp_path / "a file where the cache would be"
+    blocked.write_text("")
+    monkeypatch.setenv("DEBLUR_DIFFUSION_CACHE", str(blocked))
+    net = Restormer(**TINY_UNET)
+    with caplog.at_level(logging.WARNING, logger="deblur_diffusion"):
+        assert Restorer(net, device="cpu", backend="auto").backend == "torch"
+    assert "restoring through PyTorch: the network's ONNX graph could not be made" in caplog.text
+    with pytest.raises(ConfigError, match="backend=onnxruntime: the network's ONNX graph could not be made"):
+        Restorer(net, device="cpu", backend="onnxruntime")
+
+
+def test_auto_exports_a_swintormer_only_when_asked_and_then_uses_its_graph(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEBLUR_DIFFUSION_CACHE", str(tmp_path))
+    net = Swintormer(window_size=4, **TINY_UNET)
+    assert Restorer(net, device="cpu", backend="auto").backend == "torch"
+    assert not (tmp_path / "onnx").exists()
+    graph = graph_path(net, None)
+    graph.parent.mkdir(parents=True)
+    graph.write_bytes(b"")  # a graph in the cache (broken: exported again when loaded)
+    monkeypatch.setattr("deblur_diffusion.restorer.cached_graph", lambda net, config: "the cached graph")
+    restorer = Restorer(net, device="cpu", backend="auto")
+    assert restorer.backend == "onnxruntime" and restorer.forward == "the cached graph"

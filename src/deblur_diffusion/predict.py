@@ -10,7 +10,7 @@ holds, 4 MP on a CPU) are restored on overlapping tiles, and on tiles halved in 
 out-of-memory error (kept for the next images). A file that cannot be restored (unreadable, or a
 format such as HEIC or camera RAW) is named at the end with the reason and the others are still
 restored (exit status 1 if any failed). On a CPU the network runs through ONNX Runtime when it is
-installed (``backend=auto``, :mod:`deblur_diffusion.inference.onnx`), 2-2.5x faster than PyTorch.
+installed (``backend=auto``, :mod:`deblur_diffusion.inference.onnx`), 1.6-2.5x faster than PyTorch.
 ``output/predict.json`` records the weights (SHA-256), the views, the backend and the settings.
 Nothing is ever written into the input folder.
 

@@ -81,7 +81,7 @@ class Restorer:
         precision: ``fp32``, ``bf16`` or ``fp16``: the forward runs under ``torch.autocast`` to that
             type (outputs are float32 either way). See docs/guides/inference.md for each model's accuracy against fp32.
         backend: ``torch``, ``onnxruntime`` (the network's ONNX graph, exported once per weights into
-            the cache; within 1e-4 of PyTorch and 2-2.5x faster on a CPU) or ``auto``: ONNX Runtime
+            the cache; within 1e-4 of PyTorch and 1.6-2.5x faster on a CPU) or ``auto``: ONNX Runtime
             when it applies (CPU, fp32, installed, a one-graph network), else PyTorch.
         net_config: the network's architecture config, which names its ONNX graph with the weights.
 
@@ -109,9 +109,17 @@ class Restorer:
         self.precision = precision
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
         self.net = net.to(self.device).eval()
-        self.backend = chosen_backend(backend, self.net, self.device, precision)
+        self.backend = chosen_backend(backend, self.net, self.device, precision, net_config)
         # What the inference calls: the network, or its ONNX Runtime graph.
-        self.forward = cached_graph(self.net, net_config) if self.backend == "onnxruntime" else self.net
+        self.forward = self.net
+        if self.backend == "onnxruntime":
+            try:
+                self.forward = cached_graph(self.net, net_config)
+            except Exception as error:  # the export or the cache failed: auto falls back, an explicit choice says why
+                if backend == "onnxruntime":
+                    raise ConfigError(f"backend=onnxruntime: the network's ONNX graph could not be made ({error})") from error
+                LOG.warning("restoring through PyTorch: the network's ONNX graph could not be made (%s)", error)
+                self.backend = "torch"
         self.inference = inference or Inference()
         # The smaller tiles that the last out-of-memory error fell back to, used from then on.
         self.fallback: Inference | None = None

@@ -1,11 +1,13 @@
-"""Restoring through ONNX Runtime, which runs these networks 2-2.5x faster than PyTorch on a CPU.
+"""Restoring through ONNX Runtime, which runs these networks 1.6-2.5x faster than PyTorch on a CPU.
 
 ``backend=auto`` (predict's and the app's default) picks ONNX Runtime when the restorer runs on a
 CPU in float32, ``onnxruntime`` is installed (the ``export`` extra) and the network is one graph
 (Restormer, Swintormer; not the diffusion models, which sample noise over T calls). The graph is
 exported once per network and weights into ``<cache>/onnx/`` (the cache of downloaded weights, see
 :mod:`deblur_diffusion.downloads`) and reused; each time a graph is loaded it is first checked
-against PyTorch on a small image, and exported again if it does not agree.
+against PyTorch on a small image, and exported again if it does not agree. A network whose export
+takes long (``SLOW_EXPORTS``) is exported only on ``backend=onnxruntime``; ``auto`` then uses its
+graph once it is in the cache.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 ONNX_TOLERANCE = 1e-4
 INPUT_NAME, OUTPUT_NAME = "blurry", "restored"
 LOG = logging.getLogger("deblur_diffusion")
+
+
+# Networks whose export takes too long for auto to start it on its own (measured on 2 cores with
+# the paper configuration: benchmarks/predict_12mp.py); Restormer's takes 76 s.
+SLOW_EXPORTS = {"Swintormer": "its export takes about 12 minutes and 5 GB on 2 cores (the windowed attention's graph)"}
 
 
 def not_exportable(net: nn.Module) -> str | None:
@@ -127,12 +134,16 @@ def graph_key(net: nn.Module, config: Mapping | None) -> str:
     return digest.hexdigest()[:16]
 
 
+def graph_path(net: nn.Module, config: Mapping | None) -> Path:
+    from deblur_diffusion.downloads import cache_dir
+
+    return cache_dir() / "onnx" / graph_key(net, config) / "model.onnx"
+
+
 def cached_graph(net: nn.Module, config: Mapping | None) -> OnnxRuntimeNetwork:
     """The ONNX Runtime graph of ``net``: from the cache when there is one that agrees with PyTorch,
     else exported (once per network and weights) into it."""
-    from deblur_diffusion.downloads import cache_dir
-
-    path = cache_dir() / "onnx" / graph_key(net, config) / "model.onnx"
+    path = graph_path(net, config)
     if path.is_file():
         try:
             graph = OnnxRuntimeNetwork(path)
@@ -153,7 +164,7 @@ def cached_graph(net: nn.Module, config: Mapping | None) -> OnnxRuntimeNetwork:
     return OnnxRuntimeNetwork(path)
 
 
-def chosen_backend(backend: str, net: nn.Module, device: torch.device, precision: str) -> str:
+def chosen_backend(backend: str, net: nn.Module, device: torch.device, precision: str, config: Mapping | None = None) -> str:
     """``torch`` or ``onnxruntime`` for ``backend`` (``auto``: ONNX Runtime where it applies);
     ConfigError for an explicit ``onnxruntime`` that cannot run, naming why."""
     if backend not in BACKENDS:
@@ -172,6 +183,10 @@ def chosen_backend(backend: str, net: nn.Module, device: torch.device, precision
         import_onnxruntime()
     except ConfigError as error:
         reasons.append(str(error))
+    slow = SLOW_EXPORTS.get(type(net).__name__)
+    if not reasons and backend == "auto" and slow and not graph_path(net, config).is_file():
+        LOG.info("restoring through PyTorch: %s; backend=onnxruntime exports it once, then restores faster", slow)
+        return "torch"
     if not reasons:
         return "onnxruntime"
     if backend == "onnxruntime":
