@@ -91,3 +91,26 @@ def test_a_photo_uploaded_in_the_browser_comes_back_restored(served, browser):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "app.png"))
     assert not errors, errors
+
+
+def test_the_progress_follows_every_photo_and_its_tiles(tmp_path):
+    from deblur_diffusion.app import Restorers, restore_files
+
+    torch.save({"params": Restormer(**TINY_UNET).state_dict()}, tmp_path / "net_g.pth")
+    for name in ("a", "b"):
+        Image.fromarray(np.zeros((100, 150, 3), np.uint8)).save(tmp_path / f"{name}.png")
+    # Photos above max_pixels go on tiles: 64 px every 48 px over 100 x 150 are 2 x 3 tiles, 4 per call.
+    cfg = compose_config("app", tmp_path, f"ckpt={tmp_path / 'net_g.pth'}", "device=cpu", "max_pixels=1000")
+    cfg.inference.tile_size, cfg.inference.stride, cfg.inference.tile_batch_size = 64, 48, 4
+    reported = []
+    files = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    written, _ = restore_files(Restorers(cfg), files, None, "net_g.pth", "fp32", 64, tmp_path / "out", lambda *step: reported.append(step))
+    assert len(written) == 2
+    assert reported == [
+        (0.0, "photo 1 of 2"),
+        (4 / 6 / 2, "photo 1 of 2: tile 4 of 6"),
+        (0.5, "photo 1 of 2: tile 6 of 6"),
+        (0.5, "photo 2 of 2"),
+        (0.5 + 4 / 6 / 2, "photo 2 of 2: tile 4 of 6"),
+        (1.0, "photo 2 of 2: tile 6 of 6"),
+    ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -69,9 +70,19 @@ class Restorers:
         return self.loaded[key]
 
 
-def restore_files(restorers: Restorers, files: list[str], second_views: list[str], name: str, precision: str, tile_size: int, out: Path):
+def restore_files(
+    restorers: Restorers,
+    files: list[str],
+    second_views: list[str],
+    name: str,
+    precision: str,
+    tile_size: int,
+    out: Path,
+    report: Callable[[float, str], None] | None = None,
+):
     """Restores ``files`` (and for dual-pixel models ``second_views``, matched by order) into ``out``
-    as ``predict`` does; returns the files written and ``{file: reason}`` for those it could not."""
+    as ``predict`` does; returns the files written and ``{file: reason}`` for those it could not.
+    ``report(fraction, text)`` follows the photos and their tiles."""
     restorer, views, prior, max_pixels = restorers.get(name, precision, tile_size)
     written, failures = [], {}
     pairs = [[Path(f)] for f in files]
@@ -79,7 +90,16 @@ def restore_files(restorers: Restorers, files: list[str], second_views: list[str
         if len(second_views or []) != len(files):
             raise ConfigError(f"this model reads two dual-pixel views ({views}): give as many second views as photos")
         pairs = [[Path(a), Path(b)] for a, b in zip(files, second_views, strict=True)]
-    for paths in pairs:
+    for number, paths in enumerate(pairs):
+        if report is not None:
+
+            def tiles_done(done: int, total: int, number: int = number) -> None:
+                report((number + done / total) / len(pairs), f"photo {number + 1} of {len(pairs)}: tile {done} of {total}")
+
+            for inference in (restorer.inference, restorer.fallback):  # the tiles of an out-of-memory fallback too
+                if inference is not None:
+                    inference.report_tiles = tiles_done
+            report(number / len(pairs), f"photo {number + 1} of {len(pairs)}")
         reason = unsupported_reason(paths[0])
         if reason:
             failures[paths[0].name] = reason
@@ -114,7 +134,9 @@ def build_app(cfg: DictConfig):
         out = Path(tempfile.mkdtemp(dir=work))
         progress(0, desc=f"restoring {len(files)} photo(s)")
         try:
-            written, failures = restore_files(restorers, files, second_views, name, precision, tile_size, out)
+            written, failures = restore_files(
+                restorers, files, second_views, name, precision, tile_size, out, lambda fraction, text: progress(fraction, desc=text)
+            )
         except DeblurError as error:
             raise gr.Error(str(error)) from error
         restorer = restorers.get(name, precision, tile_size)[0]

@@ -92,6 +92,9 @@ class Inference:
         self.progress = progress
         self.progress_min_tiles = progress_min_tiles
         self.self_ensemble = self_ensemble
+        # Called with (tiles done, tiles of the image) after each call of the model on tiles: how the
+        # app moves its progress bar.
+        self.report_tiles: Callable[[int, int], None] | None = None
 
     def __call__(self, model: Model, image: torch.Tensor) -> torch.Tensor:
         if not self.self_ensemble:
@@ -129,4 +132,6 @@ class Inference:
                     output[..., y : y + tile, x : x + tile] += restored[index * batch : (index + 1) * batch] * window
                     weight[y : y + tile, x : x + tile] += window
                 progress.advance(task, len(chunk))
+                if self.report_tiles is not None:
+                    self.report_tiles(first + len(chunk), len(boxes))
         return (output / weight)[..., :height, :width].to(image.dtype)
