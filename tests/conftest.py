@@ -110,7 +110,6 @@ def _run_in_process(module: str, args: list[str], cwd: Path, env: dict) -> subpr
     entry_point = importlib.import_module(f"deblur_diffusion.{module}")
     saved_environ, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
     saved_signals = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)}
-    root = logging.getLogger()
     saved_logging = {name: (logger.handlers[:], logger.level, logger.propagate) for name, logger in _loggers().items()}
     saved_threads = torch.get_num_threads()
     out, err = io.StringIO(), io.StringIO()
@@ -138,16 +137,13 @@ def _run_in_process(module: str, args: list[str], cwd: Path, env: dict) -> subpr
         os.environ.update(saved_environ)
         for signum, handler in saved_signals.items():
             signal.signal(signum, handler)
-        current = _loggers()
-        for name, logger in current.items():
+        for name, logger in _loggers().items():
             handlers, level, propagate = saved_logging.get(name, ([], logging.NOTSET, True))
-            for handler in logger.handlers[:]:
-                if handler not in handlers:
-                    logger.removeHandler(handler)
-                    handler.close()
+            for handler in set(logger.handlers) - set(handlers):
+                handler.close()
+            logger.handlers[:] = handlers
             logger.setLevel(level)
             logger.propagate = propagate
-        root.handlers[:] = saved_logging[""][0]
         torch.set_num_threads(saved_threads)
     return subprocess.CompletedProcess(
         [sys.executable, "-m", f"deblur_diffusion.{module}", *args], returncode, out.getvalue(), err.getvalue()

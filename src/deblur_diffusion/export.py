@@ -30,7 +30,7 @@ from torch import nn
 from deblur_diffusion.checkpoints import CheckpointError
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, weights_and_architecture
 from deblur_diffusion.errors import ConfigError
-from deblur_diffusion.inference.onnx import export_graph, import_onnxruntime, not_exportable
+from deblur_diffusion.inference.onnx import export_graph, import_onnxruntime
 from deblur_diffusion.models.interface import RestorationNetwork
 from deblur_diffusion.provenance import provenance
 from deblur_diffusion.weights import EXPORT_CONFIG, EXPORT_WEIGHTS, load_network
@@ -95,13 +95,9 @@ ONNX_FILE = "model.onnx"
 def export_onnx(weights, out: str | Path, net_config: Mapping | None = None, ema: bool = True) -> tuple[Path, float]:
     """Writes ``out/model.onnx`` for ``weights``; returns the file and the largest difference
     between onnxruntime and PyTorch at a second size."""
-    import_onnxruntime()
-    net = load_network(weights, net_config, ema=ema).net.eval()
-    reason = not_exportable(net)
-    if reason:
-        raise ConfigError(reason)
+    import_onnxruntime()  # before loading the weights: a missing extra fails at once
     path = Path(out) / ONNX_FILE
-    return path, export_graph(net, path)
+    return path, export_graph(load_network(weights, net_config, ema=ema).net, path)
 
 
 FORMATS = ("safetensors", "official", "onnx")
