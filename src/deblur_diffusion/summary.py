@@ -101,7 +101,8 @@ def main(cfg: DictConfig) -> None:
         pairs = split_datamodule(cfg, "train").training_pairs()
         caption = ""
     except (DeblurError, InstantiationException) as error:
-        reason = str(error.__cause__ or error).splitlines()[0]
+        # the layout that follows "Expected layout:" is the error's business, not the plan's
+        reason = str(error.__cause__ or error).splitlines()[0].removesuffix(" Expected layout:")
         pairs, caption = None, f"passes over the data: not shown ({reason})"
     console.print(plan_table(plan, pairs, caption))
 

@@ -16,7 +16,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -76,15 +77,38 @@ def export_graph(net: nn.Module, path: Path) -> float:
     device = next(net.parameters()).device
     example = torch.rand(1, net.input_channels, *traced, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        net, (example,), str(path), dynamo=True, dynamic_shapes={"x": dims}, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME]
-    )
+    with quiet_exporter():
+        torch.onnx.export(
+            net,
+            (example,),
+            str(path),
+            dynamo=True,
+            dynamic_shapes={"x": dims},
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            verbose=False,
+        )
     difference = graph_difference(OnnxRuntimeNetwork(path), net, checked)
     if difference > ONNX_TOLERANCE:
         raise ConfigError(
             f"{path}: onnxruntime differs from PyTorch by {difference:.2e} at {checked[0]}x{checked[1]} (more than {ONNX_TOLERANCE})"
         )
     return difference
+
+
+@contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """The exporter's optimiser logs every rewrite at INFO (a few hundred lines for one Restormer),
+    which the entry points' logging would print: only its warnings and errors are let through."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def graph_difference(graph: OnnxRuntimeNetwork, net: nn.Module, size: tuple[int, int]) -> float:
