@@ -1,6 +1,7 @@
 """The command-line entry points end to end, as a user runs them."""
 
 import csv
+import hashlib
 import json
 import subprocess
 from importlib.metadata import version
@@ -50,12 +51,15 @@ def test_train_writes_checkpoint_samples_and_table_then_resumes_from_its_step(tm
     assert f"deblur-diffusion {made_by['version']} (commit {made_by['commit']})" in first.stdout
     exported = run_cli("export", f"ckpt={last}", f"out={tmp_path}/export", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr[-3000:]
-    assert yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())["provenance"] == made_by
+    exported_record = yaml.safe_load((tmp_path / "export" / "config.yaml").read_text())
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+    assert exported_record["provenance"] == made_by and exported_record["source_sha256"] == digest
     scored = run_cli(
         "evaluate", f"ckpt={last}", "data=synthetic_tiny", "split=val", "lpips=false", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path
     )
     assert scored.returncode == 0, scored.stderr[-3000:]
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["provenance"] == made_by
+    scored_record = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert scored_record["provenance"] == made_by and scored_record["ckpt_sha256"] == digest
     # report=true (the quickstart's): the same evaluation of the same weights, with its report named.
     page = tmp_path / "a" / "evaluation" / "report.html"
     assert f"before and after: {page}" in " ".join(first.stdout.split())

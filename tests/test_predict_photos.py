@@ -19,7 +19,7 @@ from networks import TINY_UNET
 from PIL import Image, ImageCms
 
 from deblur_diffusion.data.io import read_image_raw, write_image
-from deblur_diffusion.downloads import DownloadError, cached_path, fetch_weights
+from deblur_diffusion.downloads import DownloadError, cached_path, fetch_weights, local_weights
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.inference import Inference
 from deblur_diffusion.models import Restormer, Swintormer
@@ -229,6 +229,12 @@ def test_weights_from_a_url_download_once_resume_after_a_cut_and_check_their_sha
     predict_in_process(tmp_path, f"ckpt={url}", f"input={tmp_path / 'in'}", f"ckpt_sha256={digest}")
     assert served.ranges[2:] == []  # cached: not downloaded again
     assert json.loads((tmp_path / "out" / "predict.json").read_text())["sha256"] == digest
+
+
+def test_one_digest_for_weights_in_several_files_is_refused_not_ignored(tmp_path):
+    parts = {"transformer": str(tmp_path / "net_g.pth"), "denoiser": str(tmp_path / "net_d.pth")}
+    with pytest.raises(DownloadError, match=r"ckpt_sha256= checks one file, but ckpt= names 2 \(transformer, denoiser\)"):
+        local_weights(parts, sha256="00ff")
 
 
 def test_a_url_without_a_network_names_the_url_and_where_to_put_the_file(tmp_path, monkeypatch):

@@ -109,6 +109,11 @@ def local_weights(weights, sha256: str | None = None):
     """``weights`` (a path, a URL, or a mapping of parts to either) with every URL replaced by its
     downloaded file; ``sha256`` checks a single file (local or downloaded)."""
     if isinstance(weights, dict):
+        if sha256 is not None:
+            raise DownloadError(
+                f"ckpt_sha256= checks one file, but ckpt= names {len(weights)} ({', '.join(weights)}): "
+                "check each part's digest with sha256sum instead"
+            )
         return {part: local_weights(file) for part, file in weights.items()}
     if is_url(weights):
         return fetch_weights(weights, sha256)

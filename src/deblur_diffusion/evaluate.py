@@ -36,7 +36,7 @@ from deblur_diffusion.cli import (
     config_dir,
     report_errors,
     require_complete,
-    restorer_from_config,
+    restorer_and_record,
     show,
     split_datamodule,
     unused_data_splits,
@@ -138,7 +138,7 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = split_datamodule(cfg, cfg.split)
     source = datamodule.pairs(cfg.split)
     protocol = resolve_protocol(cfg, datamodule, source)
-    restorer = restorer_from_config(cfg)
+    restorer, loaded = restorer_and_record(cfg)
     if restorer.needs_sharp and not cfg.score_with_ground_truth_prior:
         raise ConfigError(
             f"{cfg.ckpt} is a HI-Diff stage-one network: its prior is computed from the sharp image, so its scores are not "
@@ -191,7 +191,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     metrics = [metric for metric in protocol.columns if all(metric in row for row in rows)]
     summary = summarise(rows, metrics)
-    write_results(output_dir, rows, summary, protocol, metrics, cfg, lpips_note, restorer.weights, note)
+    write_results(output_dir, rows, summary, protocol, metrics, cfg, lpips_note, restorer.weights, loaded.sha256, note)
     report = []
     if report_pictures is not None:
         caption = f"{source.describe()} ({cfg.split}), protocol {protocol.name}" + (f"; {note}" if note else "")
@@ -292,10 +292,12 @@ def write_results(
     cfg: DictConfig,
     lpips_note: str,
     weights: str,
+    sha256: str | dict[str, str],
     note: str = "",
 ) -> None:
     """per_image.csv, summary.json and summary.md; ``weights`` is what was loaded (``ema``, ``raw``,
-    an official file's key) and ``note`` marks scores that are not a restoration's."""
+    an official file's key), ``sha256`` the digest of its file (of each part's file) and ``note``
+    marks scores that are not a restoration's."""
     output_dir.mkdir(parents=True, exist_ok=True)
     columns = ["name", "group", *metrics, *[f"input_{m}" for m in metrics], *([GROUND_TRUTH_PRIOR_COLUMN] if note else [])]
     with open(output_dir / "per_image.csv", "w", newline="") as handle:
@@ -308,6 +310,7 @@ def write_results(
         "columns": {m: protocol.columns[m] for m in metrics},
         "ckpt": OmegaConf.to_container(cfg.ckpt) if isinstance(cfg.ckpt, DictConfig) else str(cfg.ckpt),
         "weights": weights,
+        "ckpt_sha256": sha256,
         "split": cfg.split,
         "inference": OmegaConf.to_container(cfg.inference, resolve=True),
         "summary": summary,

@@ -49,6 +49,7 @@ def export(weights, out: str | Path, net_config: Mapping | None = None, inferenc
         "weights": loaded.weights,
         "views": loaded.views,
         "source": loaded.source,
+        "source_sha256": loaded.sha256,
         "provenance": provenance(),
     }
     OmegaConf.save(OmegaConf.create(record), out / EXPORT_CONFIG)

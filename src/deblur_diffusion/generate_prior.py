@@ -42,7 +42,7 @@ from deblur_diffusion.cli import config_dir, report_errors, require_complete, sp
 from deblur_diffusion.data.io import list_images, read_photo, to_float, write_atomically, write_image
 from deblur_diffusion.data.patches import WholeImages, to_tensor
 from deblur_diffusion.data.priors import PRIOR_MANIFEST, PRIOR_SETTINGS, prior_path, require_fixed_pairs
-from deblur_diffusion.downloads import file_sha256
+from deblur_diffusion.downloads import file_sha256, local_weights
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.models.compvis_ldm import load_compvis_ldm
 from deblur_diffusion.models.latent_prior import PRIORS, LatentPriorModel, prior_seed
@@ -88,7 +88,7 @@ def write_manifest(path: Path, manifest: dict) -> None:
     write_atomically(path, json.dumps(manifest, indent=2))
 
 
-def prior_settings(cfg: DictConfig, model: LatentPriorModel) -> dict:
+def prior_settings(cfg: DictConfig, model: LatentPriorModel, ckpt: Path, ldm_config: Path | None) -> dict:
     """Everything a prior depends on, as the manifest records it (the keys of ``PRIOR_SETTINGS``):
     the model's files by content (so that a renamed file is the same model and a replaced one is
     not), the prior, T, the seed, eta, and the tiles and self-ensemble it is sampled with."""
@@ -101,8 +101,8 @@ def prior_settings(cfg: DictConfig, model: LatentPriorModel) -> dict:
         }
     inference["self_ensemble"] = bool(cfg.inference.self_ensemble)
     settings = {
-        "ckpt_sha256": file_sha256(cfg.ckpt),
-        "ldm_config_sha256": file_sha256(cfg.ldm_config) if cfg.ldm_config is not None else None,
+        "ckpt_sha256": file_sha256(ckpt),
+        "ldm_config_sha256": file_sha256(ldm_config) if ldm_config is not None else None,
         "prior": model.prior,
         "steps": int(cfg.steps),
         "seed": prior_seed(cfg.seed),
@@ -166,7 +166,10 @@ def blurry_images(cfg: DictConfig) -> tuple[list[str], Callable[[int], torch.Ten
 def generate_priors(cfg: DictConfig) -> tuple[int, int]:
     """Writes the missing priors; returns (written, skipped)."""
     require_complete(cfg, unused=("model.", *(f"data.{s}." for s in ("train", "val", "test") if cfg.input is not None or s != cfg.split)))
-    model = load_compvis_ldm(cfg.ckpt, cfg.ldm_config, use_ema=True) if cfg.ldm_config is not None else load_network(cfg.ckpt).net
+    # URLs (the released LDM-BSR's) are downloaded once into the cache, as predict's ckpt= is.
+    ckpt = Path(local_weights(cfg.ckpt, cfg.ckpt_sha256))
+    ldm_config = Path(local_weights(cfg.ldm_config)) if cfg.ldm_config is not None else None
+    model = load_compvis_ldm(ckpt, ldm_config, use_ema=True) if ldm_config is not None else load_network(ckpt).net
     if not isinstance(model, LatentPriorModel):
         raise ConfigError(f"{cfg.ckpt} holds a {type(model).__name__}, not a latent diffusion prior (model=ldm_decoder_finetune)")
     if cfg.prior not in (*PRIORS, "auto"):
@@ -185,7 +188,7 @@ def generate_priors(cfg: DictConfig) -> tuple[int, int]:
 
     names, load_blurry, folder = blurry_images(cfg)
     manifest_file = folder / PRIOR_MANIFEST
-    settings = prior_settings(cfg, model)
+    settings = prior_settings(cfg, model, ckpt, ldm_config)
     done = vouched_priors(folder, manifest_file, settings, names)
     todo = [index for index, name in enumerate(names) if name not in done]
     # Written before the first prior, so that the images of an interrupted first batch are known

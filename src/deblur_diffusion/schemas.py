@@ -118,6 +118,7 @@ class ExportSettings(_Restoring):
 @dataclass
 class GeneratePriorSettings(_Groups):
     ckpt: str = MISSING
+    ckpt_sha256: str | None = None
     ldm_config: str | None = None
     prior: PriorKind = PriorKind.auto
     out: str = MISSING
