@@ -201,14 +201,13 @@ def train(cfg: DictConfig) -> float | None:
             f"the trainer runs {trainer.world_size} processes but trainer.devices x trainer.num_nodes plan {plan.world_size}; "
             "set them to what the launcher starts (srun tasks, torchrun --nproc-per-node x --nnodes)"
         )
+    require_after_fit_settings(cfg, model, trainer, datamodule)
     if trainer.is_global_zero:
         show(Console(), plan_table(plan, datamodule.training_pairs(), plan_caption(datamodule)))
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if cfg.evaluate_checkpoint not in ("last", "best"):
-        raise ConfigError(f"evaluate_checkpoint must be last or best, got {cfg.evaluate_checkpoint!r}")
     use_best = cfg.evaluate_checkpoint == "best" and bool(best)
     # None: the weights in memory, i.e. the final iteration's.
     evaluation_ckpt = best if use_best else None
@@ -223,10 +222,7 @@ def train(cfg: DictConfig) -> float | None:
     report_page = None
     if cfg.report and trainer.is_global_zero:
         last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
-        weights = evaluation_ckpt or last
-        if not weights:
-            raise ConfigError("report=true evaluates a saved checkpoint: keep the checkpoint callback (callbacks=default)")
-        report_page = evaluate_training_run(cfg, weights, output_dir / "evaluation")
+        report_page = evaluate_training_run(cfg, evaluation_ckpt or last, output_dir / "evaluation")
     report(Console(), output_dir, tables, best, report_page)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
@@ -236,9 +232,21 @@ def train(cfg: DictConfig) -> float | None:
     optimized = cfg.get("optimized_metric")
     if optimized is None:
         return None
-    if optimized not in metrics:
+    if optimized not in metrics:  # validation switched off (trainer.limit_val_batches=0)
         raise ConfigError(f"optimized_metric={optimized!r} was not logged; logged metrics: {sorted(metrics)}")
     return float(metrics[optimized])
+
+
+def require_after_fit_settings(cfg: DictConfig, model, trainer: L.Trainer, datamodule) -> None:
+    """What train reads once fit has ended, checked before it starts: a mistake there would
+    otherwise be found after the whole training run."""
+    optimized = cfg.get("optimized_metric")
+    tested = bool(cfg.get("test")) and datamodule.has_split("test")
+    logged = [name for name in model.evaluation_metrics if tested or not name.startswith("test/")]
+    if optimized is not None and optimized not in logged:
+        raise ConfigError(f"optimized_metric={optimized!r} is not a metric this model logs: {', '.join(logged)}")
+    if cfg.report and trainer.checkpoint_callback is None:
+        raise ConfigError("report=true evaluates a saved checkpoint: keep the checkpoint callback (callbacks=default)")
 
 
 # What Lightning's subprocess launcher sets in the launching process.

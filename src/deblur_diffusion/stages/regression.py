@@ -137,6 +137,12 @@ class RegressionStage(L.LightningModule):
         if init_ckpt is not None:
             self.warm_start_sources = fine_tuning_weights(init_ckpt, self.init_part, init_strict)
 
+    @property
+    def evaluation_metrics(self) -> list[str]:
+        """The names validation and testing log (what ``optimized_metric`` may name)."""
+        collections = (self.val_metrics, self.val_input_metrics, self.test_metrics, self.test_input_metrics)
+        return [name for collection in collections for name in collection.keys(keep_base=False)]
+
     def warm_start(self) -> list[str]:
         """Loads ``warm_start_sources`` into their parts (and the EMA copy). ``train`` calls it before
         a run from scratch and never on resume, whose checkpoint holds every weight. Returns, for the
