@@ -12,6 +12,8 @@ import torch
 import yaml
 from conftest import FAST_TRAINER, TINY_SYNTHETIC, run_cli
 
+from deblur_diffusion.data.io import read_image_raw
+
 pytestmark = pytest.mark.slow
 
 
@@ -65,6 +67,15 @@ def test_train_writes_checkpoint_samples_and_table_then_resumes_from_its_step(tm
     assert f"before and after: {page}" in " ".join(first.stdout.split())
     after_training = json.loads((tmp_path / "a" / "evaluation" / "summary.json").read_text())
     assert after_training["summary"] == json.loads((tmp_path / "eval" / "summary.json").read_text())["summary"]
+    # evaluate experiment=<preset> scores on the preset's data (the quickstart's 8 validation pairs
+    # of 96 px, not the synthetic data's 12 of 128), with the checkpoint's own network.
+    preset = run_cli(
+        "evaluate", "experiment=quickstart", f"ckpt={last}", "split=val", "lpips=false", f"hydra.run.dir={tmp_path}/preset", cwd=tmp_path
+    )
+    assert preset.returncode == 0, preset.stderr[-3000:]
+    assert json.loads((tmp_path / "preset" / "summary.json").read_text())["summary"]["all"]["images"] == 8
+    pictures = json.loads((tmp_path / "preset" / "report_images.json").read_text()).values()
+    assert {read_image_raw(tmp_path / "preset" / picture["blurry"]).shape for picture in pictures} == {(96, 96, 3)}
 
     resumed = run_cli(
         "train",

@@ -66,7 +66,9 @@ def _snippets(path: Path) -> list[str]:
         return [text]
     blocks = re.findall(r"```[\w-]*\n(.*?)```", text, re.S)
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    return blocks + re.findall(r"`([^`\n]+)`", prose)
+    # Inline code may wrap onto the next line of a paragraph (not across a blank line).
+    inline = re.findall(r"`((?:[^`\n]|\n(?!\s*\n))+)`", prose)
+    return blocks + [" ".join(code.split("\n")) for code in inline]
 
 
 def _launcher_ranks(line: str, snippet: str) -> int | None:
@@ -151,6 +153,46 @@ def test_a_documented_command_composes_and_plans_at_the_world_size_it_states(tmp
             assert plan.world_size == command.launcher_ranks, (
                 f"the launcher starts {command.launcher_ranks} ranks, the plan {plan.world_size}"
             )
+
+
+def _composing_stand_in(launched: list[tuple[str, list[str]]], tmp_path: Path):
+    """``subprocess.run`` for a launcher script: composes (and, for train, plans) the command it
+    is given instead of running it, leaves the checkpoint a finished run would, and prints a
+    validation table for the script to read."""
+
+    def run(command, **kwargs):
+        assert command[:3] == [sys.executable, "-m", command[2]] and command[2].startswith("deblur_diffusion."), command
+        module, arguments = command[2].removeprefix("deblur_diffusion."), command[3:]
+        paths = [f"paths.root_dir={tmp_path}"] if module not in ("data.synthesize", "data.prepare") else []
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(HYDRA_APPS[module], overrides=[*arguments, *paths])
+        if module == "train":
+            training_plan(cfg)
+            run_dir = next(Path(a.split("=", 1)[1]) for a in arguments if a.startswith("hydra.run.dir="))
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run_dir / "checkpoints" / "step0000001.ckpt").touch()
+        launched.append((module, arguments))
+        table = "│ PSNR │ 20.00 dB │ 21.00 dB │\n│ SSIM │ 0.5000 │ 0.6000 │\n"
+        return subprocess.CompletedProcess(command, 0, table, "")
+
+    return run
+
+
+LAUNCHERS = sorted((ROOT / "experiments").rglob("*.py"))
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=[p.relative_to(ROOT).as_posix() for p in LAUNCHERS])
+def test_every_command_a_launcher_script_starts_composes_and_plans(tmp_path, monkeypatch, launcher):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(launcher.stem, launcher)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    launched = []
+    monkeypatch.setattr(script.subprocess, "run", _composing_stand_in(launched, tmp_path))
+    monkeypatch.setattr(sys, "argv", [str(launcher), "--out", str(tmp_path / "out"), "--timesteps", "2"])
+    script.main()
+    assert "train" in {module for module, _ in launched} and (tmp_path / "out" / "results.md").is_file()
 
 
 # A code block the docs mark with this comment runs on a CPU in seconds: the tests run it as written.
