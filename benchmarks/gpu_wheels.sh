@@ -3,6 +3,9 @@
 # network; its Python is 3.12 with PyTorch, Lightning, torchmetrics, timm, einops, OpenCV,
 # scikit-image, rich, safetensors and Pillow installed) into .whl/ (git-ignored), for
 # benchmarks/gpu_machine.sh. Run from the repository root: bash benchmarks/gpu_wheels.sh
+# With REFERENCE=DIR (checkouts of the official repositories, as train_step.py's --reference), the
+# three official architecture files are copied into .reference/ (git-ignored) for the official-code
+# ratio: REFERENCE=~/src bash benchmarks/gpu_wheels.sh
 set -euo pipefail
 WHEELS=.whl
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -17,3 +20,11 @@ pins=$(grep -iE '^(hydra-core|omegaconf|lpips|diffusers|lmdb|pytest|iniconfig|pl
     --dest "$WHEELS" $pins
 ls -l "$WHEELS"
 du -sh "$WHEELS"
+if [ -n "${REFERENCE:-}" ]; then
+    rm -rf .reference
+    for file in Restormer/basicsr/models/archs/restormer_arch.py HI-Diff/hi_diff/archs/Transformer_arch.py \
+        swintormer/basicsr/archs/Swintormer_arch.py; do
+        mkdir -p ".reference/$(dirname "$file")" && cp "$REFERENCE/$file" ".reference/$file"
+    done
+    echo "official architecture files in .reference/ (carry it with .whl/)"
+fi
