@@ -43,7 +43,7 @@ def served(tmp_path_factory):
     exif[0x0112] = 6
     Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)).save(photo, quality=90, exif=exif)
     cfg = compose_config("app", folder, f"ckpt={folder / 'net_g.pth'}", "device=cpu")
-    app = build_app(cfg)
+    app = build_app(cfg, work=folder / "work")
     port = _free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     # What predict writes with the same weights and options: the reference for the app's file.
@@ -61,15 +61,20 @@ def test_the_restore_endpoint_returns_what_predict_writes_and_survives_a_bad_fil
 
     url, folder, photo = served
     client = Client(url, verbose=False)
-    restored, _ = client.predict(handle_file(str(photo)), "net_g.pth", "fp32", 256, api_name="/restore")
+    restored, _ = client.predict(handle_file(str(photo)), "net_g.pth", "fp32", 256, "cpu", api_name="/restore")
     assert Path(restored).name == "street.jpg"
     assert Path(restored).read_bytes() == (folder / "predicted" / "street.jpg").read_bytes()  # pixels, EXIF, quality alike
     broken = folder / "broken.png"
     broken.write_text("not a picture")
     with pytest.raises(Exception, match="cannot decode image"):
-        client.predict(handle_file(str(broken)), "net_g.pth", "fp32", 256, api_name="/restore")
-    again, _ = client.predict(handle_file(str(photo)), "net_g.pth", "fp32", 256, api_name="/restore")  # still up
+        client.predict(handle_file(str(broken)), "net_g.pth", "fp32", 256, "cpu", api_name="/restore")
+    # Still up; the file alone takes the page's defaults.
+    again, _ = client.predict(handle_file(str(photo)), api_name="/restore")
     np.testing.assert_array_equal(read_image_raw(again), read_image_raw(folder / "predicted" / "street.jpg"))
+    # Trying other options keeps one network loaded and the results of the last few jobs only.
+    for tile_size in (128, 160, 192, 224):
+        client.predict(handle_file(str(photo)), "net_g.pth", "fp32", tile_size, "cpu", api_name="/restore")
+    assert len(list((folder / "work" / "jobs").iterdir())) == 4
 
 
 def test_a_photo_uploaded_in_the_browser_comes_back_restored(served, browser):
@@ -104,8 +109,11 @@ def test_the_progress_follows_every_photo_and_its_tiles(tmp_path):
     cfg.inference.tile_size, cfg.inference.stride, cfg.inference.tile_batch_size = 64, 48, 4
     reported = []
     files = [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
-    written, _ = restore_files(Restorers(cfg), files, None, "net_g.pth", "fp32", 64, tmp_path / "out", lambda *step: reported.append(step))
+    restorers = Restorers(cfg)
+    written, _ = restore_files(restorers, files, None, "net_g.pth", "fp32", 64, tmp_path / "out", lambda *step: reported.append(step))
     assert len(written) == 2
+    restorers.get("net_g.pth", "fp32", 128, "cpu")
+    assert list(restorers.loaded) == [("net_g.pth", "fp32", 128, "cpu")]  # one network at a time
     assert reported == [
         (0.0, "photo 1 of 2"),
         (4 / 6 / 2, "photo 1 of 2: tile 4 of 6"),

@@ -37,7 +37,7 @@ def all_pictures_loaded(page) -> bool:
     return page.evaluate("[...document.images].filter(i => i.getAttribute('src')).every(i => i.complete && i.naturalWidth > 0)")
 
 
-def evaluation(tmp_path: Path, name: str, seed: int) -> Path:
+def evaluation(tmp_path: Path, name: str, seed: int, images: int = IMAGES) -> Path:
     torch.manual_seed(seed)
     torch.save({"params": Restormer(**TINY_UNET).state_dict()}, tmp_path / f"{name}.pth")
     out = tmp_path / name
@@ -46,7 +46,7 @@ def evaluation(tmp_path: Path, name: str, seed: int) -> Path:
         tmp_path,
         f"ckpt={tmp_path / f'{name}.pth'}",
         "split=val",
-        f"data.val.length={IMAGES}",
+        f"data.val.length={images}",
         "data.val.image_size=40",
         "lpips=false",
         "device=cpu",
@@ -67,12 +67,17 @@ def shown_names(page) -> list[str]:
     return page.eval_on_selector_all("#images tr.row td.name", "cells => cells.map(c => c.textContent)")
 
 
+def gallery(page, which: str) -> list[str]:
+    return page.eval_on_selector_all(f"#{which} figcaption", "captions => captions.map(c => c.textContent.split(' ')[0])")
+
+
 def test_an_evaluation_report_opens_from_file_in_gain_order_with_every_picture(tmp_path, browser):
     folder = evaluation(tmp_path, "eval", seed=0)
     scores = per_image(folder)
     by_gain = sorted(scores, key=lambda name: scores[name]["psnr"] - scores[name]["input_psnr"], reverse=True)
     page, errors = open_page(browser, folder / "report.html")
     assert shown_names(page) == by_gain[:50]  # the first page, largest PSNR gain first
+    assert gallery(page, "best") == by_gain[:6] and gallery(page, "worst") == by_gain[::-1][:6]
     assert page.locator("#pager button").count() == 2
     assert all_pictures_loaded(page)
     page.click("#pager button:nth-child(2)")
@@ -95,6 +100,15 @@ def test_an_evaluation_report_opens_from_file_in_gain_order_with_every_picture(t
     shutil.copytree(folder, moved)
     page, errors = open_page(browser, moved / "report.html")
     assert all_pictures_loaded(page) and not errors
+
+
+def test_the_galleries_of_a_small_set_show_each_image_once(tmp_path, browser):
+    folder = evaluation(tmp_path, "eval", seed=0, images=8)
+    scores = per_image(folder)
+    by_gain = sorted(scores, key=lambda name: scores[name]["psnr"] - scores[name]["input_psnr"], reverse=True)
+    page, errors = open_page(browser, folder / "report.html")
+    assert gallery(page, "best") == by_gain[:4] and gallery(page, "worst") == by_gain[::-1][:4]
+    assert not errors, errors
 
 
 def test_a_comparison_report_shows_both_restorations_per_image_in_order_of_change(tmp_path, browser):

@@ -4,11 +4,12 @@ Built on ``predict``'s own restoring code (:func:`deblur_diffusion.predict.resto
 restored here is the file ``predict`` writes with the same weights and options, pixel for pixel,
 upright, with its bit depth, EXIF and ICC profile. Drop one or many photos, choose the model
 (``ckpt=`` one file, or a mapping of names to files: checkpoints, exports, official files, URLs),
-the precision and the tile size; the result is shown on a before/after slider with a zoom, and comes
-back as the restored file (several photos: a zip). Dual-pixel models take the left views and the
+the device, the precision and the tile size; the result is shown on a before/after slider with a
+zoom, and comes back as the restored file (several photos: a zip). Dual-pixel models take the left views and the
 right views, matched by order; prior-fused models sample their prior as ``predict`` does
 (``prior.ckpt``, ``prior.ldm_config``). One job runs at a time (a queue), large photos go on tiles,
-and a file that cannot be restored is named in the status while the server stays up.
+and a file that cannot be restored is named in the status while the server stays up. Memory stays
+bounded: one model is loaded at a time, and the results of all but the last few jobs are deleted.
 
 The endpoint ``/restore`` (``gradio_client``: ``client.predict(handle_file(path), api_name="/restore")``)
 takes one image file and returns the restored file first. Needs the ``app`` extra (Gradio).
@@ -16,7 +17,9 @@ takes one image file and returns the restored file first. Needs the ``app`` extr
 
 from __future__ import annotations
 
+import atexit
 import copy
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, restorer_and_record
@@ -34,6 +38,8 @@ from deblur_diffusion.restorer import whole_image_budget
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
 EXAMPLES = 3
+# Jobs whose results stay on disk (the newest; Gradio keeps its own copy of what it served).
+KEPT_JOBS = 4
 
 
 def _models(cfg: DictConfig) -> dict[str, object]:
@@ -44,20 +50,31 @@ def _models(cfg: DictConfig) -> dict[str, object]:
     return {Path(str(ckpt)).name if not isinstance(ckpt, dict) else "HI-Diff": ckpt}
 
 
+def device_choices(configured: str) -> list[str]:
+    """The devices offered in the page: ``auto``, the CPU, the GPU where there is one, and what was configured."""
+    choices = ["auto", "cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    return choices if configured in choices else [*choices, configured]
+
+
 class Restorers:
-    """The loaded models, one per (name, precision, tile size), loaded on first use."""
+    """The model in use for (name, precision, tile size, device), loaded on first use; one at a
+    time (jobs run one after another), so that trying options does not pile networks up in memory."""
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.models = _models(cfg)
         self.loaded: dict[tuple, tuple] = {}
 
-    def get(self, name: str, precision: str, tile_size: int):
-        key = (name, precision, tile_size)
+    def get(self, name: str, precision: str, tile_size: int, device: str | None = None):
+        key = (name, precision, int(tile_size), device or str(self.cfg.device))
         if key not in self.loaded:
+            self.loaded.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             cfg = copy.deepcopy(self.cfg)
             with open_dict(cfg):
                 cfg.ckpt = self.models[name]
+                cfg.device = key[3]
                 cfg.precision = precision
                 if int(tile_size) != cfg.inference.tile_size:  # the overlap keeps its share of the tile
                     cfg.inference.stride = max(1, cfg.inference.stride * int(tile_size) // cfg.inference.tile_size)
@@ -79,11 +96,12 @@ def restore_files(
     tile_size: int,
     out: Path,
     report: Callable[[float, str], None] | None = None,
+    device: str | None = None,
 ):
     """Restores ``files`` (and for dual-pixel models ``second_views``, matched by order) into ``out``
     as ``predict`` does; returns the files written and ``{file: reason}`` for those it could not.
     ``report(fraction, text)`` follows the photos and their tiles."""
-    restorer, views, prior, max_pixels = restorers.get(name, precision, tile_size)
+    restorer, views, prior, max_pixels = restorers.get(name, precision, tile_size, device)
     written, failures = [], {}
     pairs = [[Path(f)] for f in files]
     if len(views) == 2:
@@ -119,27 +137,42 @@ def _shown(path: Path) -> np.ndarray:
     return to_integer_image(to_float(pixels), 8)
 
 
-def build_app(cfg: DictConfig):
-    """The Gradio Blocks of the app for a composed ``conf/app.yaml``."""
+def build_app(cfg: DictConfig, work: Path | None = None):
+    """The Gradio Blocks of the app for a composed ``conf/app.yaml``; examples and results go to
+    ``work`` (a temporary folder deleted at exit when not given)."""
     import gradio as gr
 
     restorers = Restorers(cfg)
     names = list(restorers.models)
-    work = Path(tempfile.mkdtemp(prefix="deblur_app_"))
+    if work is None:
+        work = Path(tempfile.mkdtemp(prefix="deblur_app_"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     examples = _example_photos(work / "examples")
+    jobs = work / "jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
 
-    def restore_photos(files, second_views, name, precision, tile_size, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
+    def restore_photos(files, second_views, name, precision, tile_size, device, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
         if not files:
             raise gr.Error("drop one or more photos first")
-        out = Path(tempfile.mkdtemp(dir=work))
+        for old in sorted(jobs.iterdir(), key=lambda folder: folder.stat().st_mtime)[: -KEPT_JOBS + 1]:
+            shutil.rmtree(old, ignore_errors=True)
+        out = Path(tempfile.mkdtemp(dir=jobs))
         progress(0, desc=f"restoring {len(files)} photo(s)")
         try:
             written, failures = restore_files(
-                restorers, files, second_views, name, precision, tile_size, out, lambda fraction, text: progress(fraction, desc=text)
+                restorers,
+                files,
+                second_views,
+                name,
+                precision,
+                tile_size,
+                out,
+                lambda fraction, text: progress(fraction, desc=text),
+                device,
             )
         except DeblurError as error:
             raise gr.Error(str(error)) from error
-        restorer = restorers.get(name, precision, tile_size)[0]
+        restorer = restorers.get(name, precision, tile_size, device)[0]
         status = f"restored {len(written)} of {len(files)} on {restorer.device} through {BACKEND_NAMES[restorer.backend]}" + "".join(
             f"\n{file}: {reason}" for file, reason in failures.items()
         )
@@ -155,23 +188,27 @@ def build_app(cfg: DictConfig):
         slider = (before, _shown(written[0])) if before is not None else None
         return str(download), slider, status
 
-    def restore(file, name, precision, tile_size):
+    def restore(file, name, precision, tile_size, device):
         """One image file in, the restored image file out (what ``predict`` writes)."""
-        download, slider, status = restore_photos([file], None, name, precision, tile_size)
+        download, slider, status = restore_photos([file], None, name, precision, tile_size, device)
         if download is None:
             raise gr.Error(status)
         return download, slider
 
-    with gr.Blocks(title="deblur-diffusion") as app:
+    # Gradio's copies of what it served are deleted after a day, checked every hour.
+    with gr.Blocks(title="deblur-diffusion", delete_cache=(3600, 86400)) as app:
         gr.Markdown(
-            "# Deblur photos\nDrop photos, restore them, compare before and after (drag the line; zoom with the buttons on the image)."
+            "# Deblur photos\nDrop photos, restore them, compare before and after "
+            "(drag the line; the mouse wheel zooms both, dragging the picture moves them)."
         )
         with gr.Row():
             with gr.Column():
                 photos = gr.File(label="photos (one or many)", file_count="multiple", file_types=["image"])
                 second = gr.File(label="right views (dual-pixel models only, in the same order)", file_count="multiple")
                 model = gr.Dropdown(names, value=names[0], label="model")
-                precision = gr.Radio(list(PRECISION_CHOICES), value=str(cfg.precision), label="precision")
+                with gr.Row():
+                    device = gr.Dropdown(device_choices(str(cfg.device)), value=str(cfg.device), label="device")
+                    precision = gr.Radio(list(PRECISION_CHOICES), value=str(cfg.precision), label="precision")
                 tiles = gr.Slider(64, 1024, value=int(cfg.inference.tile_size), step=32, label="tile size (px) for large photos")
                 button = gr.Button("Restore", variant="primary")
             with gr.Column():
@@ -180,14 +217,16 @@ def build_app(cfg: DictConfig):
                 status = gr.Textbox(label="status", lines=3)
         if examples:
             gr.Examples([[[str(path)]] for path in examples], inputs=[photos], label="synthetic blurry examples")
-        button.click(restore_photos, [photos, second, model, precision, tiles], [download, slider, status], api_name="restore_photos")
+        button.click(
+            restore_photos, [photos, second, model, precision, tiles, device], [download, slider, status], api_name="restore_photos"
+        )
         # The API endpoint: one file in, the restored file first out.
         with gr.Row(visible=False):
             one = gr.File(label="image")
             one_out = gr.File(label="restored")
             one_slider = gr.ImageSlider(type="numpy", format="png")
             one_button = gr.Button("restore one")
-        one_button.click(restore, [one, model, precision, tiles], [one_out, one_slider], api_name="restore")
+        one_button.click(restore, [one, model, precision, tiles, device], [one_out, one_slider], api_name="restore")
     app.queue(default_concurrency_limit=1)
     return app
 

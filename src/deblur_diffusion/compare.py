@@ -89,9 +89,10 @@ def comparison(baseline: Path, candidate: Path) -> dict:
     }
 
 
-def compare_runs(baseline: Path, candidate: Path, top: int = 5) -> Group:
-    """A report of ``candidate`` against ``baseline`` (both as for :func:`read_per_image`)."""
-    found = comparison(baseline, candidate)
+def compare_runs(baseline: Path, candidate: Path, top: int = 5, found: dict | None = None) -> Group:
+    """A report of ``candidate`` against ``baseline`` (both as for :func:`read_per_image`), from
+    their :func:`comparison` when it was read already."""
+    found = found or comparison(baseline, candidate)
     shared, before, after = found["shared"], found["before"], found["after"]
     overview = Table(title=f"{candidate} against {baseline}: {len(shared)} images in both")
     for column in ("metric", "baseline", "candidate", "mean change", "better", "worse", "same"):
@@ -135,12 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        table = compare_runs(args.baseline, args.candidate, args.top)
+        found = comparison(args.baseline, args.candidate)
+        table = compare_runs(args.baseline, args.candidate, args.top, found)
         candidate_dir = args.candidate if args.candidate.is_dir() else args.candidate.parent
         baseline_dir = args.baseline if args.baseline.is_dir() else args.baseline.parent
-        page = write_comparison_report(
-            args.report or candidate_dir / REPORT, baseline_dir, candidate_dir, comparison(args.baseline, args.candidate)
-        )
+        page = write_comparison_report(args.report or candidate_dir / REPORT, baseline_dir, candidate_dir, found)
     except DeblurError as error:
         Console(stderr=True).print(f"[bold red]error:[/] {error}")
         return 1
