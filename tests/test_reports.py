@@ -37,7 +37,7 @@ def all_pictures_loaded(page) -> bool:
     return page.evaluate("[...document.images].filter(i => i.getAttribute('src')).every(i => i.complete && i.naturalWidth > 0)")
 
 
-def evaluation(tmp_path: Path, name: str, seed: int, images: int = IMAGES) -> Path:
+def evaluation(tmp_path: Path, name: str, seed: int, images: int = IMAGES, *overrides: str) -> Path:
     torch.manual_seed(seed)
     torch.save({"params": Restormer(**TINY_UNET).state_dict()}, tmp_path / f"{name}.pth")
     out = tmp_path / name
@@ -51,6 +51,7 @@ def evaluation(tmp_path: Path, name: str, seed: int, images: int = IMAGES) -> Pa
         "lpips=false",
         "device=cpu",
         f"output_dir={out}",
+        *overrides,
     )
     evaluate(cfg)
     return out
@@ -109,6 +110,13 @@ def test_the_galleries_of_a_small_set_show_each_image_once(tmp_path, browser):
     page, errors = open_page(browser, folder / "report.html")
     assert gallery(page, "best") == by_gain[:4] and gallery(page, "worst") == by_gain[::-1][:4]
     assert not errors, errors
+
+
+def test_evaluate_compare_to_writes_the_comparison_report(tmp_path):
+    baseline = evaluation(tmp_path, "baseline", 0, 4)
+    candidate = evaluation(tmp_path, "candidate", 1, 4, f"compare_to={baseline}")
+    page = (candidate / "compare.html").read_text()
+    assert all(name in page for name in per_image(baseline))
 
 
 def test_a_comparison_report_shows_both_restorations_per_image_in_order_of_change(tmp_path, browser):

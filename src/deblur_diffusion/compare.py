@@ -126,6 +126,16 @@ def compare_runs(baseline: Path, candidate: Path, top: int = 5, found: dict | No
     return Group(overview, extremes, *notes)
 
 
+def compare_with_report(baseline: Path, candidate: Path, top: int = 5, report: Path | None = None) -> tuple[Group, Path]:
+    """:func:`compare_runs`, and its HTML report written to ``report`` (default: ``compare.html``
+    in the candidate's folder); returns the printed report and the page."""
+    found = comparison(baseline, candidate)
+    candidate_dir = candidate if candidate.is_dir() else candidate.parent
+    baseline_dir = baseline if baseline.is_dir() else baseline.parent
+    page = write_comparison_report(report or candidate_dir / REPORT, baseline_dir, candidate_dir, found)
+    return compare_runs(baseline, candidate, top, found), page
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deblur_diffusion.compare", description=__doc__.splitlines()[0])
     parser.add_argument("baseline", type=Path, help="evaluation folder or per_image.csv")
@@ -136,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        found = comparison(args.baseline, args.candidate)
-        table = compare_runs(args.baseline, args.candidate, args.top, found)
-        candidate_dir = args.candidate if args.candidate.is_dir() else args.candidate.parent
-        baseline_dir = args.baseline if args.baseline.is_dir() else args.baseline.parent
-        page = write_comparison_report(args.report or candidate_dir / REPORT, baseline_dir, candidate_dir, found)
+        table, page = compare_with_report(args.baseline, args.candidate, args.top, args.report)
     except DeblurError as error:
         Console(stderr=True).print(f"[bold red]error:[/] {error}")
         return 1

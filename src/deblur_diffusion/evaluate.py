@@ -41,7 +41,7 @@ from deblur_diffusion.cli import (
     split_datamodule,
     unused_data_splits,
 )
-from deblur_diffusion.compare import compare_runs
+from deblur_diffusion.compare import compare_with_report
 from deblur_diffusion.data.datamodule import DeblurDataModule
 from deblur_diffusion.data.io import quantized, write_atomically, write_image
 from deblur_diffusion.data.patches import WholeImages
@@ -207,7 +207,8 @@ def evaluate(cfg: DictConfig) -> dict:
         *report,
     )
     if cfg.compare_to:
-        show(console, compare_runs(Path(cfg.compare_to), output_dir))
+        table, page = compare_with_report(Path(cfg.compare_to), output_dir)
+        show(console, table, f"Comparison: {page} (open it in a browser)")
     if cfg.wandb.enabled:
         log_to_wandb(cfg, protocol, rows, metrics, summary, pictures, output_dir)
     return summary
