@@ -252,11 +252,12 @@ def known_peak(arithmetic: str) -> float | None:
 
 def official_ratio(network: str, args) -> dict:
     """The official architecture's training step against this package's (train_step.py's timing)."""
-    from train_step import build_models, time_steps
+    from train_step import build_models, prepare_steps, time_steps
 
     inputs, models = build_models(OFFICIAL_NAMES[network], args.reference, args.size, args.batch, tiny=args.dry_run)
     device = torch.device("cpu" if args.dry_run else "cuda")
-    seconds = time_steps({label: models[label] for label in ("official", "package")}, inputs, args.official_repeats, device)
+    steps = prepare_steps({label: models[label] for label in ("official", "package")}, inputs, device)
+    seconds = time_steps(steps, args.official_repeats, device)
     medians = {label: statistics.median(times) for label, times in seconds.items()}
     return {
         "network": network,

@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --reference ~/src                 # and the official files
     python benchmarks/train_step.py --device cuda --batch 8 --size 256
     python benchmarks/train_step.py --inference --models swintormer --size 512   # forward only
+    python benchmarks/train_step.py --reference ~/src --profile       # and where each row's step goes
 
 ``--reference DIR`` names a folder holding checkouts of the official repositories (this repository
 does not ship them):
@@ -147,9 +148,11 @@ def build_models(name: str, reference_dir: Path | None, size: int, batch: int, t
     return inputs, models
 
 
-def time_steps(
-    models: dict[str, nn.Module], inputs: tuple, repeats: int, device: torch.device, inference: bool = False
-) -> dict[str, list[float]]:
+def prepare_steps(
+    models: dict[str, nn.Module], inputs: tuple, device: torch.device, inference: bool = False
+) -> dict[str, Callable[[], None]]:
+    """One step (or forward) per model, after checking that every model computes the same output
+    and running each step once."""
     inputs = tuple(t.to(device) for t in inputs)
     target = torch.rand_like(inputs[0][:, :3])
     steps: dict[str, Callable[[], None]] = {}
@@ -185,6 +188,10 @@ def time_steps(
             raise NotTheSameNetworkError(f"{label} differs from {next(iter(outputs))} by {difference}: not the same network")
     for step in steps.values():  # warm-up
         step()
+    return steps
+
+
+def time_steps(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, list[float]]:
     seconds: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(repeats):
         for label, step in steps.items():
@@ -207,7 +214,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inference", action="store_true", help="time one forward pass without gradients instead of a step")
+    parser.add_argument("--profile", action="store_true", help="and where one step of each row spends its time (torch.profiler)")
     args = parser.parse_args()
+    profiles = []
     device = torch.device(args.device)
     work = "Inference" if args.inference else "Training step"
     table = Table(title=f"{work}, batch {args.batch} x {args.size}^2, {device.type}, median of {args.repeats}")
@@ -215,7 +224,8 @@ def main() -> None:
         table.add_column(column, justify="left" if column in ("network", "code") else "right")
     for name in args.models:
         inputs, models = build_models(name, args.reference, args.size, args.batch)
-        seconds = time_steps(models, inputs, args.repeats, device, args.inference)
+        steps = prepare_steps(models, inputs, device, args.inference)
+        seconds = time_steps(steps, args.repeats, device)
         medians = {label: statistics.median(times) for label, times in seconds.items()}
         for label, median in medians.items():
             ratios = [
@@ -225,7 +235,65 @@ def main() -> None:
             spread = f"{min(seconds[label]):.3f} - {max(seconds[label]):.3f}"
             table.add_row(name if label == next(iter(medians)) else "", label, f"{median:.3f}", spread, *ratios)
         table.add_section()
-    Console(width=160).print(table)
+        if args.profile:
+            profiles.append((name, profile_steps(steps)))
+    console = Console(width=160)
+    console.print(table)
+    for name, profile in profiles:
+        console.print(profile_table(name, profile))
+
+
+# Where a step's time goes, by the operators torch.profiler names (their own time, children excluded).
+CATEGORIES = {
+    "convolutions": ("conv",),
+    "matrix products": ("mm", "matmul", "linear", "scaled_dot_product", "attention"),
+    "copies and layout": ("copy", "clone", "contiguous", "cat", "pad", "roll", "index", "reflection", "stack", "_to_"),
+    "optimizer": ("foreach", "adam", "lerp", "addcdiv", "addcmul"),
+    "normalisation and softmax": ("norm", "softmax", "var", "mean", "std"),
+    "element-wise": ("mul", "add", "sub", "div", "gelu", "sigmoid", "relu", "pow", "sqrt", "abs", "sign", "neg", "exp", "fill", "zero"),
+}
+SHARED_KERNELS = ("convolutions", "matrix products")
+
+
+def category(operator: str) -> str:
+    name = operator.removeprefix("aten::").lower()
+    return next((label for label, words in CATEGORIES.items() if any(word in name for word in words)), "other")
+
+
+def profile_steps(steps: dict[str, Callable[[], None]]) -> dict[str, dict[str, float]]:
+    """Seconds per category of one step of each model, under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    found = {}
+    for label, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            step()
+        totals: dict[str, float] = {}
+        for event in profiler.key_averages():
+            group = category(event.key)
+            totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total / 1e6
+        found[label] = totals
+    return found
+
+
+def profile_table(name: str, profile: dict[str, dict[str, float]]) -> Table:
+    """Seconds per category and model; the caption bounds the speed-up over the official code that
+    the operators both codes run through the same kernels (convolutions, matrix products) leave."""
+    labels = list(profile)
+    table = Table(title=f"{name}: where one step's time goes (torch.profiler, seconds, the profiler's own cost included)")
+    table.add_column("operators")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for group in [*CATEGORIES, "other"]:
+        table.add_row(group, *(f"{profile[label].get(group, 0.0):.3f}" for label in labels))
+    table.add_row("[bold]total[/]", *(f"[bold]{sum(profile[label].values()):.3f}[/]" for label in labels))
+    if "official" in profile and CHANNELS_LAST in profile:
+        shared = sum(profile[CHANNELS_LAST].get(group, 0.0) for group in SHARED_KERNELS)
+        table.caption = (
+            f"the official step / the package's (channels-last) {' and '.join(SHARED_KERNELS)}: "
+            f"{sum(profile['official'].values()) / shared:.2f}x, the most that removing everything else would give"
+        )
+    return table
 
 
 if __name__ == "__main__":
