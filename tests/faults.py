@@ -35,3 +35,17 @@ class NonFiniteOnRank(torch.nn.L1Loss):
         self.calls += 1
         here = dist.get_rank() if dist.is_initialized() else 0
         return loss * float("nan") if here == self.rank and self.calls > self.call else loss
+
+
+class ResumedElsewhereOnRank(L.Callback):
+    """Makes ``rank`` resume from a checkpoint that records step ``step`` (as a rank that saw
+    another file would); placed before the callbacks it fools."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank == self.rank:
+            path = f"{trainer.default_root_dir}/elsewhere_rank{self.rank}.ckpt"
+            torch.save({"global_step": self.step, "epoch": 0}, path)
+            trainer.ckpt_path = path

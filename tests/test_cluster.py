@@ -157,6 +157,27 @@ def test_a_nan_on_one_of_two_ranks_stops_both(tmp_path):
 
 
 @pytest.mark.slow
+def test_ranks_resumed_from_different_steps_all_stop_before_training(tmp_path):
+    result = run_cli(
+        "train",
+        "debug=tiny",
+        "trainer=ddp_sim",
+        "callbacks=none",
+        "+callbacks.fault._target_=faults.ResumedElsewhereOnRank",
+        "+callbacks.fault.rank=1",
+        "+callbacks.fault.step=5",
+        "+callbacks.check._target_=deblur_diffusion.cluster.SameResumePoint",
+        f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+        env={"PYTHONPATH": TESTS},
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "the ranks resume from different checkpoints (rank 0: step 0, rank 1: step 5;" in output, output[-3000:]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["default", "fdr", "overfit", "limit", "profiler"])
 def test_every_debug_preset_runs_with_any_model_and_data(tmp_path, preset):
     tiny = ["model=restormer_tiny", "data=synthetic_tiny", "data.patch_schedule=[[0,32,2]]"]

@@ -79,6 +79,31 @@ def resume_checkpoint(run_dir: str | Path) -> Path | None:
     return max(ranked)[2] if ranked else None
 
 
+class ResumeMismatchError(DeblurError):
+    """The ranks of a job resumed from different steps."""
+
+
+class SameResumePoint(L.Callback):
+    """Checks, once the process group is up and before any training state is restored, that every
+    rank resumes from the same step: ranks choose the checkpoint by its recorded step
+    (:func:`resume_checkpoint`), which they agree on unless their file systems show different
+    files (a checkpoint not yet visible on another node). Ranks that differ all stop, naming each
+    one's step and file, instead of training on from different weights."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_fit_start: every rank calls it (on_train_start is skipped by a rank resumed at the end).
+        if trainer.world_size < 2:
+            return
+        step = _progress(Path(trainer.ckpt_path))[0] if trainer.ckpt_path else 0
+        steps = trainer.strategy.all_gather(torch.tensor(step, device=pl_module.device)).flatten().tolist()
+        if len(set(steps)) > 1:
+            listed = ", ".join(f"rank {rank}: step {found}" for rank, found in enumerate(steps))
+            raise ResumeMismatchError(
+                f"the ranks resume from different checkpoints ({listed}; rank {trainer.global_rank} read {trainer.ckpt_path}): "
+                "they do not see the same files; wait for the file system to settle and start again"
+            )
+
+
 class PreemptedError(DeblurError):
     """The job was signalled; a checkpoint was saved and the run stopped."""
 
