@@ -11,6 +11,7 @@ import subprocess
 import threading
 from typing import ClassVar
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -130,6 +131,37 @@ def test_a_phone_jpeg_keeps_its_exif_and_profile_upright_in_a_valid_segment_orde
         reference = io.BytesIO()
         Image.new("RGB", (8, 8)).save(reference, "JPEG", quality=95)
         assert restored.quantization[0] == Image.open(reference).quantization[0]
+
+
+def test_webp_and_tiff_photos_keep_their_profile_webp_its_exif_tiff_its_16_bits(tmp_path):
+    import tifffile
+
+    torch.save({"params": Restormer(**TINY_UNET).state_dict()}, tmp_path / "net_g.pth")
+    (tmp_path / "in").mkdir()
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rng = np.random.default_rng(5)
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "PhoneMaker", "Phone 12"
+    Image.fromarray((rng.random((24, 40, 3)) * 255).astype(np.uint8)).save(
+        tmp_path / "in" / "shared.webp", "WEBP", lossless=True, exif=exif, icc_profile=profile
+    )
+    scan = (rng.random((24, 40, 3)) * 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "in" / "scan.tif", scan, photometric="rgb", iccprofile=profile)
+    predict_in_process(tmp_path, f"ckpt={tmp_path / 'net_g.pth'}", f"input={tmp_path / 'in'}")
+    with Image.open(tmp_path / "out" / "shared.webp") as restored:
+        assert restored.info["icc_profile"] == profile
+        assert (restored.getexif()[0x010F], restored.getexif()[0x0110]) == ("PhoneMaker", "Phone 12")
+    with tifffile.TiffFile(tmp_path / "out" / "scan.tif") as restored:
+        page = restored.pages[0]
+        assert page.tags["InterColorProfile"].value == profile
+        assert page.asarray().dtype == np.uint16 and page.asarray().shape == (24, 40, 3)
+    # The same pixels as PyTorch's restoration written without metadata (OpenCV's lossless WebP, TIFF).
+    (tmp_path / "bare").mkdir()
+    Image.open(tmp_path / "in" / "shared.webp").save(tmp_path / "bare" / "shared.webp", "WEBP", lossless=True)
+    cv2.imwrite(str(tmp_path / "bare" / "scan.tif"), scan[:, :, ::-1])
+    predict_in_process(tmp_path, f"ckpt={tmp_path / 'net_g.pth'}", f"input={tmp_path / 'bare'}", output="bare_out")
+    for name in ("shared.webp", "scan.tif"):
+        np.testing.assert_array_equal(read_image_raw(tmp_path / "out" / name), read_image_raw(tmp_path / "bare_out" / name))
 
 
 def test_a_mixed_folder_restores_what_it_can_and_names_every_file_it_cannot(tmp_path):

@@ -220,9 +220,10 @@ def write_image(
 ) -> Path:
     """Writes a float RGB (H x W x 3) or gray (H x W) image in [0, 1] as an 8 or 16-bit file.
 
-    ``metadata`` (a photo's ICC profile and EXIF) goes into PNG (iCCP, eXIf) and JPEG (APP1 EXIF
-    and APP2 ICC after the JFIF APP0, through Pillow) files; other formats keep pixels and bit
-    depth only. JPEGs are written at ``jpeg_quality`` with full-resolution chroma.
+    ``metadata`` (a photo's ICC profile and EXIF) goes into PNG (iCCP, eXIf), JPEG (APP1 EXIF and
+    APP2 ICC after the JFIF APP0, through Pillow) and lossless WebP (through Pillow) files, and the
+    profile into TIFF files (through tifffile; a TIFF's own tags are its layout, not a camera's
+    EXIF); BMP keeps pixels only. JPEGs are written at ``jpeg_quality`` with full-resolution chroma.
 
     The file appears whole or not at all: it is encoded under a temporary name beside it and then
     renamed, so a run killed mid-write never leaves a truncated image that a resumed run would skip.
@@ -241,6 +242,21 @@ def write_image(
             extra["exif"] = metadata.exif
         # JPEG holds 8 bits whatever was asked.
         Image.fromarray(to_integer_image(image, 8)).save(encoded, "JPEG", quality=jpeg_quality, subsampling=0, **extra)
+        data = encoded.getvalue()
+    elif suffix == ".webp" and (metadata.icc_profile or metadata.exif):
+        encoded = io.BytesIO()
+        extra = {"icc_profile": metadata.icc_profile} if metadata.icc_profile else {}
+        if metadata.exif:
+            extra["exif"] = metadata.exif
+        # Lossless, as OpenCV writes WebP without metadata; WebP holds 8 bits.
+        Image.fromarray(to_integer_image(image, 8)).save(encoded, "WEBP", lossless=True, exact=True, **extra)
+        data = encoded.getvalue()
+    elif suffix in (".tif", ".tiff") and metadata.icc_profile:
+        import tifffile
+
+        encoded = io.BytesIO()
+        photometric = "rgb" if pixels.ndim == 3 else "minisblack"
+        tifffile.imwrite(encoded, pixels, photometric=photometric, compression="zlib", iccprofile=metadata.icc_profile)
         data = encoded.getvalue()
     else:
         if pixels.ndim == 3:
