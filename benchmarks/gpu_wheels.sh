@@ -14,7 +14,7 @@ rm -rf "$WHEELS" && mkdir -p "$WHEELS"
 "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$WHEELS" "antlr4-python3-runtime==4.9.3"
 # The versions of requirements/lock.txt (the machine has diffusers' own needs: huggingface-hub, regex;
 # pytest runs the GPU tests there).
-pins=$(grep -iE '^(hydra-core|omegaconf|lpips|diffusers|lmdb|pytest|iniconfig|pluggy)==' requirements/lock.txt)
+pins=$(grep -iE '^(hydra-core|omegaconf|lpips|diffusers|lmdb|pytest|pytest-timeout|iniconfig|pluggy)==' requirements/lock.txt)
 "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --dest "$WHEELS" $pins
