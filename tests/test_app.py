@@ -77,6 +77,42 @@ def test_the_restore_endpoint_returns_what_predict_writes_and_survives_a_bad_fil
     assert len(list((folder / "work" / "jobs").iterdir())) == 4
 
 
+def test_several_photos_come_back_as_a_zip_of_what_predict_writes(served):
+    import zipfile
+
+    from gradio_client import Client, handle_file
+
+    url, folder, photo = served
+    second = folder / "photos_two" / "other.png"
+    second.parent.mkdir(exist_ok=True)
+    Image.fromarray((np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8)).save(second)
+    predict(
+        compose_config(
+            "predict", folder, f"ckpt={folder / 'net_g.pth'}", f"input={second.parent}", f"output={folder / 'predicted'}", "device=cpu"
+        )
+    )
+    client = Client(url, verbose=False)
+    files = [handle_file(str(photo)), handle_file(str(second))]
+    archive, _, status = client.predict(files, None, "net_g.pth", "fp32", 256, "cpu", api_name="/restore_photos")
+    assert status.startswith("restored 2 of 2 on cpu")
+    with zipfile.ZipFile(archive) as restored:
+        assert sorted(restored.namelist()) == ["other.png", "street.jpg"]
+        for name in restored.namelist():
+            assert restored.read(name) == (folder / "predicted" / name).read_bytes()
+
+
+def test_the_models_offered_are_the_file_given_or_the_names_of_a_mapping(tmp_path):
+    from deblur_diffusion.app import _models
+
+    cfg = compose_config("app", tmp_path, "ckpt=/weights/motion_deblurring.pth")
+    assert _models(cfg) == {"motion_deblurring.pth": "/weights/motion_deblurring.pth"}
+    cfg = compose_config("app", tmp_path, "ckpt={restormer: /w/a.pth, mine: /w/last.ckpt}")
+    assert _models(cfg) == {"restormer": "/w/a.pth", "mine": "/w/last.ckpt"}
+    # One HI-Diff model in three files is one choice, not three.
+    cfg = compose_config("app", tmp_path, "ckpt={transformer: /w/net_g.pth, condition_encoder: /w/net_le_dm.pth, denoiser: /w/net_d.pth}")
+    assert list(_models(cfg)) == ["HI-Diff"]
+
+
 def test_a_photo_uploaded_in_the_browser_comes_back_restored(served, browser):
     url, folder, photo = served
     page = browser.new_page(viewport={"width": 1300, "height": 900})
