@@ -65,8 +65,11 @@ class Restorers:
         self.models = _models(cfg)
         self.loaded: dict[tuple, tuple] = {}
 
+    def key(self, name: str, precision: str, tile_size: int, device: str | None = None) -> tuple:
+        return (name, precision, int(tile_size), device or str(self.cfg.device))
+
     def get(self, name: str, precision: str, tile_size: int, device: str | None = None):
-        key = (name, precision, int(tile_size), device or str(self.cfg.device))
+        key = self.key(name, precision, tile_size, device)
         if key not in self.loaded:
             self.loaded.clear()
             if torch.cuda.is_available():
@@ -157,7 +160,10 @@ def build_app(cfg: DictConfig, work: Path | None = None):
         for old in sorted(jobs.iterdir(), key=lambda folder: folder.stat().st_mtime)[: -KEPT_JOBS + 1]:
             shutil.rmtree(old, ignore_errors=True)
         out = Path(tempfile.mkdtemp(dir=jobs))
-        progress(0, desc=f"restoring {len(files)} photo(s)")
+        if restorers.key(name, precision, tile_size, device) in restorers.loaded:
+            progress(0, desc=f"restoring {len(files)} photo(s)")
+        else:  # the first restore with these options waits for the model (and on a CPU for its ONNX export)
+            progress(0, desc=f"loading {name} (the first time on a CPU: its ONNX graph is exported once, up to a few minutes)")
         try:
             written, failures = restore_files(
                 restorers,
