@@ -216,6 +216,8 @@ def main() -> None:
     parser.add_argument("--inference", action="store_true", help="time one forward pass without gradients instead of a step")
     parser.add_argument("--profile", action="store_true", help="and where one step of each row spends its time (torch.profiler)")
     args = parser.parse_args()
+    if args.profile and args.device != "cpu":
+        parser.error("--profile measures time spent on the CPU: use it with --device cpu")
     profiles = []
     device = torch.device(args.device)
     work = "Inference" if args.inference else "Training step"

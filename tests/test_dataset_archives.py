@@ -104,6 +104,7 @@ def test_a_wrong_setting_fails_when_the_config_is_composed(tmp_path, entry_point
         (["optimized_metric=val/psnrr"], r"optimized_metric='val/psnrr' is not a metric this model logs: val/psnr, val/ssim"),
         (["optimized_metric=test/psnr", "test=false"], r"optimized_metric='test/psnr' is not a metric"),
         (["report=true", "callbacks=none"], r"report=true evaluates a saved checkpoint"),
+        (["report=true", "callbacks.model_checkpoint.save_last=false"], r"keep callbacks.model_checkpoint.save_last=true"),
     ],
 )
 def test_what_train_reads_after_fit_is_checked_before_the_first_step(tmp_path, monkeypatch, overrides, message):

@@ -161,7 +161,7 @@ def _composing_stand_in(launched: list[tuple[str, list[str]]], tmp_path: Path):
     validation table for the script to read."""
 
     def run(command, **kwargs):
-        assert command[:3] == [sys.executable, "-m", command[2]] and command[2].startswith("deblur_diffusion."), command
+        assert command[:2] == [sys.executable, "-m"] and command[2].startswith("deblur_diffusion."), command
         module, arguments = command[2].removeprefix("deblur_diffusion."), command[3:]
         paths = [f"paths.root_dir={tmp_path}"] if module not in ("data.synthesize", "data.prepare") else []
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

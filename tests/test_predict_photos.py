@@ -269,6 +269,19 @@ def test_one_digest_for_weights_in_several_files_is_refused_not_ignored(tmp_path
         local_weights(parts, sha256="00ff")
 
 
+def test_the_digest_predict_records_for_an_export_folder_is_accepted_back(tmp_path):
+    from deblur_diffusion.export import export
+
+    torch.save({"params": Restormer(**TINY_UNET).state_dict()}, tmp_path / "net_g.pth")
+    folder = export(str(tmp_path / "net_g.pth"), tmp_path / "exported")
+    write_image(tmp_path / "in" / "x.png", np.random.default_rng(0).random((16, 16, 3)), 8)
+    predict_in_process(tmp_path, f"ckpt={folder}", f"input={tmp_path / 'in'}")
+    digest = json.loads((tmp_path / "out" / "predict.json").read_text())["sha256"]
+    predict_in_process(tmp_path, f"ckpt={folder}", f"input={tmp_path / 'in'}", f"ckpt_sha256={digest}", output="again")
+    with pytest.raises(DownloadError, match="not the expected 00ff"):
+        predict_in_process(tmp_path, f"ckpt={folder}", f"input={tmp_path / 'in'}", "ckpt_sha256=00ff", output="refused")
+
+
 def test_a_url_without_a_network_names_the_url_and_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("DEBLUR_DIFFUSION_CACHE", str(tmp_path / "cache"))
     url = "http://127.0.0.1:9/net_g.pth"  # the discard port: nothing listens

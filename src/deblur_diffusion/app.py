@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import gc
 import shutil
 import tempfile
 import zipfile
@@ -72,6 +73,7 @@ class Restorers:
         key = self.key(name, precision, tile_size, device)
         if key not in self.loaded:
             self.loaded.clear()
+            gc.collect()  # the previous network, before the next one is loaded
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             cfg = copy.deepcopy(self.cfg)
@@ -157,7 +159,8 @@ def build_app(cfg: DictConfig, work: Path | None = None):
     def restore_photos(files, second_views, name, precision, tile_size, device, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
         if not files:
             raise gr.Error("drop one or more photos first")
-        for old in sorted(jobs.iterdir(), key=lambda folder: folder.stat().st_mtime)[: -KEPT_JOBS + 1]:
+        earlier = sorted(jobs.iterdir(), key=lambda folder: folder.stat().st_mtime)
+        for old in earlier[: max(0, len(earlier) - (KEPT_JOBS - 1))]:  # with this job's, KEPT_JOBS remain
             shutil.rmtree(old, ignore_errors=True)
         out = Path(tempfile.mkdtemp(dir=jobs))
         if restorers.key(name, precision, tile_size, device) in restorers.loaded:
@@ -223,8 +226,13 @@ def build_app(cfg: DictConfig, work: Path | None = None):
                 status = gr.Textbox(label="status", lines=3)
         if examples:
             gr.Examples([[[str(path)]] for path in examples], inputs=[photos], label="synthetic blurry examples")
+        # One queue for both events: one job at a time, whichever asked (one model in memory).
         button.click(
-            restore_photos, [photos, second, model, precision, tiles, device], [download, slider, status], api_name="restore_photos"
+            restore_photos,
+            [photos, second, model, precision, tiles, device],
+            [download, slider, status],
+            api_name="restore_photos",
+            concurrency_id="restore",
         )
         # The API endpoint: one file in, the restored file first out.
         with gr.Row(visible=False):
@@ -232,7 +240,9 @@ def build_app(cfg: DictConfig, work: Path | None = None):
             one_out = gr.File(label="restored")
             one_slider = gr.ImageSlider(type="numpy", format="png")
             one_button = gr.Button("restore one")
-        one_button.click(restore, [one, model, precision, tiles, device], [one_out, one_slider], api_name="restore")
+        one_button.click(
+            restore, [one, model, precision, tiles, device], [one_out, one_slider], api_name="restore", concurrency_id="restore"
+        )
     app.queue(default_concurrency_limit=1)
     return app
 

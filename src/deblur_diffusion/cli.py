@@ -171,14 +171,10 @@ def weights_and_architecture(cfg: DictConfig) -> tuple[str | dict, dict | None]:
     return weights, OmegaConf.to_container(cfg.model.net, resolve=True)
 
 
-def restorer_from_config(cfg: DictConfig) -> Restorer:
-    """The entry points' model: ``cfg.ckpt`` (with ``cfg.model`` for official files), ``cfg.ema``,
-    ``cfg.inference``, ``cfg.device`` and, for diffusion models, ``cfg.seed`` as the starting-noise seed."""
-    return restorer_and_record(cfg)[0]
-
-
 def restorer_and_record(cfg: DictConfig) -> tuple[Restorer, LoadedNetwork]:
-    """:func:`restorer_from_config` and the loaded network's record (source, SHA-256, views)."""
+    """The entry points' model and the loaded network's record (source, SHA-256, views):
+    ``cfg.ckpt`` (with ``cfg.model`` for official files), ``cfg.ema``, ``cfg.inference``,
+    ``cfg.device`` and, for diffusion models, ``cfg.seed`` as the starting-noise seed."""
     weights, net_config = weights_and_architecture(cfg)
     loaded = load_network(weights, net_config, ema=bool(cfg.get("ema", True)), sha256=cfg.get("ckpt_sha256"))
     if cfg.get("seed") is not None and loaded.net.samples_noise:

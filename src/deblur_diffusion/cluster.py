@@ -90,16 +90,22 @@ class SameResumePoint(L.Callback):
     files (a checkpoint not yet visible on another node). Ranks that differ all stop, naming each
     one's step and file, instead of training on from different weights."""
 
+    def __init__(self):
+        # What train passes to fit (set by train): sharded strategies (FSDP) load it after
+        # on_fit_start, when trainer.ckpt_path is not set yet.
+        self.resume_from: str | None = None
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_fit_start: every rank calls it (on_train_start is skipped by a rank resumed at the end).
         if trainer.world_size < 2:
             return
-        step = _progress(Path(trainer.ckpt_path))[0] if trainer.ckpt_path else 0
-        steps = trainer.strategy.all_gather(torch.tensor(step, device=pl_module.device)).flatten().tolist()
+        path = self.resume_from or trainer.ckpt_path
+        step = _progress(Path(path))[0] if path else 0
+        steps = trainer.strategy.all_gather(torch.tensor([step], device=trainer.strategy.root_device)).flatten().tolist()
         if len(set(steps)) > 1:
             listed = ", ".join(f"rank {rank}: step {found}" for rank, found in enumerate(steps))
             raise ResumeMismatchError(
-                f"the ranks resume from different checkpoints ({listed}; rank {trainer.global_rank} read {trainer.ckpt_path}): "
+                f"the ranks resume from different checkpoints ({listed}; rank {trainer.global_rank} read {path}): "
                 "they do not see the same files; wait for the file system to settle and start again"
             )
 

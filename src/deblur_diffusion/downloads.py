@@ -119,7 +119,7 @@ def local_weights(weights, sha256: str | None = None):
         return fetch_weights(weights, sha256)
     if sha256 is not None:
         path = Path(weights)
-        if not path.is_file():
+        if not path.exists():  # a file, or an export folder (hashed file by file)
             raise DownloadError(f"checkpoint not found: {path}")
         digest = file_sha256(path)
         if digest != str(sha256).lower():

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from deblur_diffusion.checkpoints import CheckpointError, read_checkpoint
 from deblur_diffusion.cli import RUN_LOG, config_dir, pass_lightning_messages_to_run_log, report_errors, require_complete, show
-from deblur_diffusion.cluster import resume_checkpoint, under_slurm
+from deblur_diffusion.cluster import SameResumePoint, resume_checkpoint, under_slurm
 from deblur_diffusion.errors import ConfigError
 from deblur_diffusion.evaluate import evaluate_training_run
 from deblur_diffusion.planning import plan_table, training_plan
@@ -202,6 +202,9 @@ def train(cfg: DictConfig) -> float | None:
             "set them to what the launcher starts (srun tasks, torchrun --nproc-per-node x --nnodes)"
         )
     require_after_fit_settings(cfg, model, trainer, datamodule)
+    for callback in trainer.callbacks:
+        if isinstance(callback, SameResumePoint):
+            callback.resume_from = ckpt_path
     if trainer.is_global_zero:
         show(Console(), plan_table(plan, datamodule.training_pairs(), plan_caption(datamodule)))
 
@@ -222,7 +225,10 @@ def train(cfg: DictConfig) -> float | None:
     report_page = None
     if cfg.report and trainer.is_global_zero:
         last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
-        report_page = evaluate_training_run(cfg, evaluation_ckpt or last, output_dir / "evaluation")
+        weights = evaluation_ckpt or last
+        if not weights:  # nothing was saved after all (a run stopped before its first checkpoint)
+            raise ConfigError("report=true evaluates a saved checkpoint, and this run saved none")
+        report_page = evaluate_training_run(cfg, weights, output_dir / "evaluation")
     report(Console(), output_dir, tables, best, report_page)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
@@ -245,8 +251,15 @@ def require_after_fit_settings(cfg: DictConfig, model, trainer: L.Trainer, datam
     logged = [name for name in model.evaluation_metrics if tested or not name.startswith("test/")]
     if optimized is not None and optimized not in logged:
         raise ConfigError(f"optimized_metric={optimized!r} is not a metric this model logs: {', '.join(logged)}")
-    if cfg.report and trainer.checkpoint_callback is None:
-        raise ConfigError("report=true evaluates a saved checkpoint: keep the checkpoint callback (callbacks=default)")
+    if cfg.report:
+        saver = trainer.checkpoint_callback
+        if saver is None:
+            raise ConfigError("report=true evaluates a saved checkpoint: keep the checkpoint callback (callbacks=default)")
+        if not saver.save_last and not (cfg.evaluate_checkpoint == "best" and saver.save_top_k != 0):
+            raise ConfigError(
+                f"report=true evaluates the {cfg.evaluate_checkpoint} checkpoint, which this checkpoint callback does not save "
+                "(save_last=false): keep callbacks.model_checkpoint.save_last=true"
+            )
 
 
 # What Lightning's subprocess launcher sets in the launching process.
