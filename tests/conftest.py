@@ -60,6 +60,30 @@ def browser():
 
 
 @pytest.fixture
+def serve_folder(tmp_path, monkeypatch):
+    """``serve_folder(folder)``: the address of ``folder`` served on 127.0.0.1 (as a release's
+    files are published), with downloads cached under the test's own folder."""
+    import functools
+    import http.server
+    import threading
+
+    monkeypatch.setenv("DEBLUR_DIFFUSION_CACHE", str(tmp_path / "download_cache"))
+    servers = []
+
+    def serve(folder: Path) -> str:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *args: None
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 

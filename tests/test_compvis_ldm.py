@@ -385,13 +385,10 @@ def test_generate_prior_records_what_made_its_priors_and_trusts_nothing_else(ldm
         run("steps=2", "inference.self_ensemble=true")
 
 
-def test_generate_prior_takes_the_released_files_from_their_urls(ldm_sr, tmp_path, monkeypatch):
+def test_generate_prior_takes_the_released_files_from_their_urls(ldm_sr, tmp_path, serve_folder):
     """The released LDM-BSR's model.ckpt and config.yaml by URL (a server on 127.0.0.1), as
     predict's ckpt= takes them: downloaded once, checked by ckpt_sha256=, recorded by content."""
-    import functools
     import hashlib
-    import http.server
-    import threading
 
     import numpy as np
     from conftest import compose_config
@@ -401,12 +398,7 @@ def test_generate_prior_takes_the_released_files_from_their_urls(ldm_sr, tmp_pat
     from deblur_diffusion.generate_prior import generate_priors
 
     folder = ldm_sr[0]
-    monkeypatch.setenv("DEBLUR_DIFFUSION_CACHE", str(tmp_path / "cache"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    base = serve_folder(folder)
     write_image(tmp_path / "blurry" / "a.png", np.random.default_rng(0).random((32, 32, 3)), 8)
     digest = hashlib.sha256((folder / "model.ckpt").read_bytes()).hexdigest()
 
@@ -416,12 +408,9 @@ def test_generate_prior_takes_the_released_files_from_their_urls(ldm_sr, tmp_pat
             compose_config("generate_prior", tmp_path, *common, f"out={tmp_path / 'priors'}", "data.num_workers=0", "steps=2", *overrides)
         )
 
-    try:
-        with pytest.raises(DownloadError, match=f"has SHA-256 {digest}, not the expected 00ff"):
-            run("ckpt_sha256=00ff")
-        assert run(f"ckpt_sha256={digest}") == (1, 0)
-    finally:
-        server.shutdown()
+    with pytest.raises(DownloadError, match=f"has SHA-256 {digest}, not the expected 00ff"):
+        run("ckpt_sha256=00ff")
+    assert run(f"ckpt_sha256={digest}") == (1, 0)
     manifest = json.loads((tmp_path / "priors" / "manifest.json").read_text())
     assert manifest["ckpt"] == f"{base}/model.ckpt" and manifest["ckpt_sha256"] == digest
     assert manifest["ldm_config_sha256"] == hashlib.sha256((folder / "config.yaml").read_bytes()).hexdigest()

@@ -351,7 +351,7 @@ def test_provenance_is_unknown_for_a_package_inside_another_repository(tmp_path)
     assert commit == "unknown" or len(commit.removesuffix("+dirty")) == 40  # this checkout, or an installed wheel
 
 
-def test_a_prior_for_a_photo_taken_on_its_side_lines_up_and_equals_the_one_predict_samples(tmp_path, parity_dir):
+def test_a_prior_for_a_photo_taken_on_its_side_lines_up_and_equals_the_one_predict_samples(tmp_path, parity_dir, serve_folder):
     from deblur_diffusion.generate_prior import generate_priors
 
     torch.manual_seed(0)
@@ -379,6 +379,8 @@ def test_a_prior_for_a_photo_taken_on_its_side_lines_up_and_equals_the_one_predi
     common = [f"ckpt={tmp_path / 'fused.pth'}", f"input={tmp_path / 'photos'}", "architecture.window_size=4"]
     written, failures = predict_in_process(tmp_path, *common, f"prior.dir={tmp_path / 'priors'}", output="read")
     assert not failures and len(written) == 1
-    sampled = [f"prior.ckpt={ldm / 'model.ckpt'}", f"prior.ldm_config={ldm / 'config.yaml'}", "prior.steps=2"]
+    # The released files by address, as published.
+    base = serve_folder(ldm)
+    sampled = [f"prior.ckpt={base}/model.ckpt", f"prior.ldm_config={base}/config.yaml", "prior.steps=2"]
     predict_in_process(tmp_path, *common, *sampled, output="sampled")  # both with their default seeds
     np.testing.assert_array_equal(read_image_raw(tmp_path / "read" / "side.png"), read_image_raw(tmp_path / "sampled" / "side.png"))

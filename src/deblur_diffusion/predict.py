@@ -58,6 +58,7 @@ from deblur_diffusion.data.io import (
     write_image,
 )
 from deblur_diffusion.data.priors import prior_path
+from deblur_diffusion.downloads import local_weights
 from deblur_diffusion.errors import ConfigError, DeblurError
 from deblur_diffusion.models.latent_prior import prior_seed
 from deblur_diffusion.provenance import provenance
@@ -180,7 +181,8 @@ class PriorSource:
 
             if cfg.prior.ldm_config is None:
                 raise ConfigError("prior.ckpt (the released LDM-BSR model.ckpt) needs prior.ldm_config (its config.yaml)")
-            self.model = load_compvis_ldm(cfg.prior.ckpt, cfg.prior.ldm_config, use_ema=True)
+            # Addresses are downloaded once into the cache, as ckpt= and generate_prior's are.
+            self.model = load_compvis_ldm(local_weights(cfg.prior.ckpt), local_weights(cfg.prior.ldm_config), use_ema=True)
             self.model.prior, self.model.sampling_steps = "official", int(cfg.prior.steps)
             self.model.noise_seed = prior_seed(cfg.prior.seed)
             self.model.to(device).eval()
