@@ -99,11 +99,11 @@ def network(model: str) -> torch.nn.Module:
     return getattr(models, name)(**arguments).eval()
 
 
-def one_tile(net: torch.nn.Module, backend: str, model: str) -> float:
+def one_tile(net: torch.nn.Module, backend: str, net_config: dict) -> float:
     """Seconds of one 256 px tile (after a warm-up) through predict's Restorer."""
     from deblur_diffusion.restorer import Restorer
 
-    restorer = Restorer(net, device="cpu", backend=backend, net_config={"benchmark": model})
+    restorer = Restorer(net, device="cpu", backend=backend, net_config=net_config)
     tile = torch.rand(1, net.input_channels, TILE, TILE)
     restorer.restore(tile)
     start = time.perf_counter()
@@ -114,11 +114,15 @@ def one_tile(net: torch.nn.Module, backend: str, model: str) -> float:
 def child(row: str, model: str, folder: Path, memory_limit_gib: float | None) -> dict:
     """Runs one row in this (fresh) process and returns its figures."""
     from deblur_diffusion.inference.onnx import cached_graph
+    from deblur_diffusion.weights import load_network
 
-    net = network(model)
     weights = folder / f"{model}.pth"
     if not weights.exists():
-        torch.save({"params": net.state_dict()}, weights)
+        torch.save({"params": network(model).state_dict()}, weights)
+    # The network and architecture config as predict reads them: the ONNX graph's cache key, so that
+    # the export row's graph is the one the ONNX Runtime rows (and predict) find in the cache.
+    loaded = load_network(str(weights))
+    net = loaded.net.eval()
     photo = folder / "photos" / "photo.png"
     out = folder / f"out_{model}_{row}"
     start = time.perf_counter()
@@ -133,9 +137,9 @@ def child(row: str, model: str, folder: Path, memory_limit_gib: float | None) ->
         elif row == "tiles":
             run_predict(weights, photo, out, f"inference.tile_size={TILE}", f"inference.stride={STRIDE}")
         elif row == "export":
-            cached_graph(net, {"benchmark": model})
+            cached_graph(net, loaded.net_config)
         else:  # one tile through PyTorch or ONNX Runtime, extrapolated to the image
-            seconds = one_tile(net, row.removeprefix("tile_"), model)
+            seconds = one_tile(net, row.removeprefix("tile_"), loaded.net_config)
             return {"seconds": seconds * tile_count(), "peak_mib": peak_mib() + TILED_IMAGE_BUFFERS_MIB, "extrapolated": True}
     except (MemoryError, RuntimeError) as error:
         return {"error": str(error).splitlines()[0][:90], "seconds": time.perf_counter() - start, "peak_mib": peak_mib()}
