@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 
 from deblur_diffusion.data.io import write_image
-from deblur_diffusion.errors import ConfigError, DatasetLayoutError
+from deblur_diffusion.errors import DatasetLayoutError
 
 RNG = np.random.default_rng(0)
 # A layout error arrives as it is, or wrapped by Hydra when it builds the dataset from its config.
@@ -96,26 +96,3 @@ def test_a_wrong_setting_fails_when_the_config_is_composed(tmp_path, entry_point
     with pytest.raises((ConfigCompositionException, ValidationError)) as error:
         compose_config(entry_point, tmp_path, override)
     assert key in str(error.value) + str(error.value.__cause__)
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["optimized_metric=val/psnrr"], r"optimized_metric='val/psnrr' is not a metric this model logs: val/psnr, val/ssim"),
-        (["optimized_metric=test/psnr", "test=false"], r"optimized_metric='test/psnr' is not a metric"),
-        (["report=true", "callbacks=none"], r"report=true evaluates a saved checkpoint"),
-        (["report=true", "callbacks.model_checkpoint.save_last=false"], r"keep callbacks.model_checkpoint.save_last=true"),
-    ],
-)
-def test_what_train_reads_after_fit_is_checked_before_the_first_step(tmp_path, monkeypatch, overrides, message):
-    import lightning as L
-
-    from deblur_diffusion.train import train
-
-    def fit_not_started(*args, **kwargs):
-        raise AssertionError("training started before the settings it ends with were checked")
-
-    monkeypatch.setattr(L.Trainer, "fit", fit_not_started)
-    cfg = compose_config("train", tmp_path, "debug=tiny", f"paths.output_dir={tmp_path / 'run'}", *overrides)
-    with pytest.raises(ConfigError, match=message):
-        train(cfg)

@@ -151,14 +151,14 @@ def test_a_safetensors_export_holds_the_chosen_weights_and_says_which(tmp_path, 
 
 @pytest.mark.slow
 # Swintormer's graph, with the release's window, in test_onnx_runtime.py.
-@pytest.mark.parametrize(("name", "overrides"), [("restormer_dual_pixel", None)])
-def test_an_onnx_export_runs_at_any_size_as_pytorch(tmp_path, parity_dir, name, overrides):
+def test_an_onnx_export_runs_at_any_size_as_pytorch(tmp_path, parity_dir):
     onnxruntime = pytest.importorskip("onnxruntime")
     from deblur_diffusion.export import export_onnx
 
-    path, checked = export_onnx(parity_dir / name / "net_g.pth", tmp_path, overrides)
+    weights = parity_dir / "restormer_dual_pixel" / "net_g.pth"
+    path, checked = export_onnx(weights, tmp_path)
     assert path.name == "model.onnx" and checked < 1e-4
-    net = load_network(parity_dir / name / "net_g.pth", overrides).net.eval()
+    net = load_network(weights).net.eval()
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     sizes = ((net.size_multiple + 11, 2 * net.size_multiple - 3), (3 * net.size_multiple, max(16, net.size_multiple)), (2, 3), (5, 7))
     for height, width in sizes:

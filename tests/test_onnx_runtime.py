@@ -26,7 +26,7 @@ pytest.importorskip("onnxruntime")
 SIZES = [(2, 3), (61, 77), (128, 128), (131, 300), (17, 9)]
 
 
-# Restormer's graph at these sizes: test_export.py.
+# Restormer's graph, exported by export format=onnx, at sizes of its own: test_export.py.
 @pytest.mark.slow
 def test_onnx_runtime_restores_like_pytorch_at_every_size_with_the_release_window(tmp_path, monkeypatch):
     monkeypatch.setenv("DEBLUR_DIFFUSION_CACHE", str(tmp_path))
@@ -115,7 +115,7 @@ def test_auto_exports_a_swintormer_only_when_asked_and_then_uses_its_graph(tmp_p
     assert not (tmp_path / "onnx").exists()
     graph = graph_path(net, None)
     graph.parent.mkdir(parents=True)
-    graph.write_bytes(b"")  # a graph in the cache (broken: exported again when loaded)
+    graph.write_bytes(b"")  # a graph in the cache: auto now takes ONNX Runtime (loading it is cached_graph's, stubbed)
     monkeypatch.setattr("deblur_diffusion.restorer.cached_graph", lambda net, config: "the cached graph")
     restorer = Restorer(net, device="cpu", backend="auto")
     assert restorer.backend == "onnxruntime" and restorer.forward == "the cached graph"

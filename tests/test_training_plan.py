@@ -128,3 +128,26 @@ def test_two_and_four_gloo_ranks_train_a_paper_preset_to_the_weights_of_one_proc
     for devices in (2, 4):
         for key in changed:
             torch.testing.assert_close(weights[devices][key], weights[1][key], rtol=1e-5, atol=1e-6, msg=f"{devices} ranks: {key}")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimized_metric=val/psnrr"], r"optimized_metric='val/psnrr' is not a metric this model logs: val/psnr, val/ssim"),
+        (["optimized_metric=test/psnr", "test=false"], r"optimized_metric='test/psnr' is not a metric"),
+        (["report=true", "callbacks=none"], r"report=true evaluates a saved checkpoint"),
+        (["report=true", "callbacks.model_checkpoint.save_last=false"], r"keep callbacks.model_checkpoint.save_last=true"),
+    ],
+)
+def test_what_train_reads_after_fit_is_checked_before_the_first_step(tmp_path, monkeypatch, overrides, message):
+    import lightning as L
+
+    from deblur_diffusion.train import train
+
+    def fit_not_started(*args, **kwargs):
+        raise AssertionError("training started before the settings it ends with were checked")
+
+    monkeypatch.setattr(L.Trainer, "fit", fit_not_started)
+    cfg = compose_config("train", tmp_path, "debug=tiny", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)

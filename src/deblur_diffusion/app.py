@@ -34,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from deblur_diffusion.cli import config_dir, report_errors, require_complete, restorer_and_record
 from deblur_diffusion.data.io import read_photo, to_float, to_integer_image, unsupported_reason
 from deblur_diffusion.errors import ConfigError, DeblurError
-from deblur_diffusion.predict import BACKEND_NAMES, Photo, PriorSource, model_views, restore_file
+from deblur_diffusion.inference.onnx import BACKEND_NAMES
+from deblur_diffusion.predict import Photo, PriorSource, model_views, restore_file
 from deblur_diffusion.restorer import whole_image_budget
 
 PRECISION_CHOICES = ("fp32", "bf16", "fp16")
@@ -119,9 +120,7 @@ def restore_files(
             def tiles_done(done: int, total: int, number: int = number) -> None:
                 report((number + done / total) / len(pairs), f"photo {number + 1} of {len(pairs)}: tile {done} of {total}")
 
-            for inference in (restorer.inference, restorer.fallback):  # the tiles of an out-of-memory fallback too
-                if inference is not None:
-                    inference.report_tiles = tiles_done
+            _report_tiles(restorer, tiles_done)
             report(number / len(pairs), f"photo {number + 1} of {len(pairs)}")
         reason = unsupported_reason(paths[0])
         if reason:
@@ -133,7 +132,14 @@ def restore_files(
             )
         except DeblurError as error:
             failures[paths[0].name] = str(error)
+    _report_tiles(restorer, None)  # the restorer outlives this job's progress bar
     return written, failures
+
+
+def _report_tiles(restorer, reporter: Callable[[int, int], None] | None) -> None:
+    for inference in (restorer.inference, restorer.fallback):  # the tiles of an out-of-memory fallback too
+        if inference is not None:
+            inference.report_tiles = reporter
 
 
 def _shown(path: Path) -> np.ndarray:

@@ -60,6 +60,7 @@ from deblur_diffusion.data.io import (
 from deblur_diffusion.data.priors import prior_path
 from deblur_diffusion.downloads import local_weights
 from deblur_diffusion.errors import ConfigError, DeblurError
+from deblur_diffusion.inference.onnx import BACKEND_NAMES
 from deblur_diffusion.models.latent_prior import prior_seed
 from deblur_diffusion.provenance import provenance
 from deblur_diffusion.restorer import Restorer, whole_image_budget
@@ -67,7 +68,6 @@ from deblur_diffusion.restorer import Restorer, whole_image_budget
 PRIOR_BIT_DEPTH = 16
 RECORD = "predict.json"
 # The settings a restoration depends on, recorded in predict.json.
-BACKEND_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
 RECORDED_SETTINGS = ("ema", "inference", "precision", "backend", "seed", "prior", "max_pixels", "jpeg_quality", "device")
 
 

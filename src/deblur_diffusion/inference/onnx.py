@@ -27,6 +27,8 @@ from torch import nn
 from deblur_diffusion.errors import ConfigError
 
 BACKENDS = ("auto", "torch", "onnxruntime")
+# How the entry points name what ran.
+BACKEND_NAMES = {"torch": "PyTorch", "onnxruntime": "ONNX Runtime"}
 # The largest difference allowed between ONNX Runtime's output and PyTorch's (float32 throughout).
 ONNX_TOLERANCE = 1e-4
 INPUT_NAME, OUTPUT_NAME = "blurry", "restored"
